@@ -1,0 +1,1 @@
+"""Gymnasium environments for RLBench tasks, embedded on MuJoCo. Importing registers `llarva/<task>` ids."""

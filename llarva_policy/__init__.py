@@ -1,0 +1,1 @@
+"""The LLARVA policy: prompt/answer codec, LLaVA loading, predict(), fine-tuning."""
