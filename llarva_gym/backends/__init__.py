@@ -1,0 +1,1 @@
+"""Simulator backends: `mujoco` (embedded, default) and `rlbench` (real RLBench, optional)."""

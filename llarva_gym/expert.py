@@ -1,0 +1,95 @@
+"""ScriptedExpert: solves a task from privileged state by moving through its waypoints with IK.
+
+The planning runs inside the environment (`RLBenchEnv.expert_action`), where the simulator state
+lives, so the same expert drives a single env, a sync vector env or an async one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llarva_gym.action_modes import VELOCITY_LIMIT
+from llarva_gym.backends.mujoco.robot import mat_to_quat_xyzw, rotation_error
+from llarva_gym.backends.mujoco.scene import CONTROL_PERIOD
+
+POSITION_TOLERANCE = 0.002   # metres
+ROTATION_TOLERANCE = 0.02    # radians
+MAX_TURN_RATE = 1.5          # rad/s of the gripper's orientation
+
+
+class WaypointFollower:
+    """Moves the gripper tip along straight lines between the task's waypoints, one step at a time."""
+
+    def __init__(self, backend):
+        self.backend, self.panda = backend, backend.panda
+        self.waypoints = backend.task.waypoints()
+        self.index = 0
+
+    def next_action(self, action_mode: str) -> np.ndarray:
+        target_q, gripper = self._next_joint_target()
+        if action_mode == "joint_velocity":
+            return np.r_[(target_q - self.panda.joint_positions) / CONTROL_PERIOD, gripper].astype(np.float32)
+        if action_mode == "joint_position":
+            return np.r_[target_q, gripper].astype(np.float32)
+        position, rotation = self.panda.forward_kinematics(target_q)
+        return np.r_[position, mat_to_quat_xyzw(rotation), gripper].astype(np.float32)
+
+    def _next_joint_target(self) -> tuple[np.ndarray, float]:
+        q = self.panda.joint_positions
+        gripper = self.panda.gripper_open
+        while self.index < len(self.waypoints):
+            waypoint = self.waypoints[self.index]
+            position, rotation = self.panda.forward_kinematics(q)
+            offset = waypoint.position - position
+            turn = rotation_error(rotation, waypoint.rotation)
+            if np.linalg.norm(offset) < POSITION_TOLERANCE and np.linalg.norm(turn) < ROTATION_TOLERANCE:
+                self.index += 1
+                if waypoint.gripper_open != gripper:
+                    return q, waypoint.gripper_open   # stand still while the gripper acts
+                continue
+            # One control period along the straight line, turning at a bounded rate.
+            step = waypoint.speed * CONTROL_PERIOD
+            distance = np.linalg.norm(offset)
+            next_position = waypoint.position if distance <= step else position + offset * (step / distance)
+            angle = np.linalg.norm(turn)
+            fraction = min(1.0, MAX_TURN_RATE * CONTROL_PERIOD / angle) if angle > 0 else 1.0
+            next_rotation = _turn(rotation, turn * fraction)
+            target, _ = self.panda.solve_ik(next_position, next_rotation, q)
+            velocity = (target - q) / CONTROL_PERIOD
+            scale = np.max(np.abs(velocity) / (VELOCITY_LIMIT * 0.95))
+            if scale > 1:
+                target = q + (target - q) / scale
+            return target, gripper
+        return q, gripper
+
+
+def _turn(rotation: np.ndarray, axis_angle: np.ndarray) -> np.ndarray:
+    angle = np.linalg.norm(axis_angle)
+    if angle < 1e-12:
+        return rotation
+    k = axis_angle / angle
+    skew = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return (np.eye(3) + np.sin(angle) * skew + (1 - np.cos(angle)) * skew @ skew) @ rotation
+
+
+class ScriptedExpert:
+    """A policy with Stable-Baselines3's `predict` that solves the task from privileged state.
+
+    `env` is a single env made with `gym.make("llarva/...")` or a Gymnasium vector env of them.
+    """
+
+    def __init__(self, env):
+        self.env = env
+        self.is_vector = hasattr(env, "num_envs") and hasattr(env, "call")
+
+    def predict(self, observation=None, state=None, episode_start=None, deterministic=True):
+        if self.is_vector:
+            return np.stack(self.env.call("expert_action")), state
+        return self.env.unwrapped.expert_action(), state
+
+    # LeRobot's shape of the same thing.
+    def reset(self):
+        pass
+
+    def select_action(self, observation=None):
+        return self.predict(observation)[0]

@@ -1,0 +1,29 @@
+"""The task table and its Gymnasium ids: `llarva/<rlbench_name>` and short aliases."""
+
+import gymnasium as gym
+
+from llarva_gym.backends.mujoco.tasks import TASKS as _EMBEDDED_TASKS
+
+# Every supported RLBench task and its number of variations.
+TASKS: dict[str, int] = {name: task.variation_count for name, task in _EMBEDDED_TASKS.items()}
+ALIASES: dict[str, str] = {"sweep_to_dustpan": "sweep_to_dustpan_of_size"}
+MAX_EPISODE_STEPS = 120   # LLARVA's evaluation episode length
+
+
+def register_all() -> None:
+    ids = [(name, name) for name in TASKS] + list(ALIASES.items())
+    for env_name, task in ids:
+        env_id = f"llarva/{env_name}"
+        if env_id not in gym.registry:
+            gym.register(env_id, entry_point="llarva_gym.env:RLBenchEnv", kwargs={"task": task},
+                         max_episode_steps=MAX_EPISODE_STEPS)
+
+
+def resolve_task(name: str) -> str:
+    """RLBench's task name for a task name, alias or env id (`llarva/sweep_to_dustpan`)."""
+    short = name.split("/", 1)[1] if name.startswith("llarva/") else name
+    short = ALIASES.get(short, short)
+    if short not in TASKS:
+        raise ValueError(f"task: unknown task {name!r}; known tasks: {sorted(TASKS)} "
+                         f"(aliases: {sorted(ALIASES)})")
+    return short

@@ -1,0 +1,183 @@
+"""Demos -> LLaVA conversation JSON: LLARVA's instruction-tuning data.
+
+One entry per step t of every episode except the last step (it has no label):
+
+    {"id": 17, "image": "<task>/all_variations/episodes/episode3/front_rgb/5.png",
+     "conversations": [{"from": "human", "value": <question: image, instruction, joint history>},
+                       {"from": "gpt", "value": <answer: the action of step t + 1>}]}
+
+The text comes from `llarva_policy.codec`, so what we train on is what `predict` parses. The label
+of step t is observation t + 1's joint_velocities and gripper_open (RLBench stores with each
+observation the velocities that led to it). With `visual_trace=True` the answer also holds the end
+effector's future path in the front image (see `end_effector_trace`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from llarva_gym.demos import load_demo
+from llarva_policy import codec
+
+TRACE_POINTS = 30   # points in a visual trace, as the original development code (about 30)
+
+
+def project_points(points_world: np.ndarray, extrinsics: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
+    """Pixel positions (N, 2) as (u = column, v = row), floats, of world points (N, 3).
+
+    `extrinsics` is the camera-to-world pose (4x4) and `intrinsics` the 3x3 camera matrix, as
+    RLBench stores them in `misc`: PyRep's camera looks along its +z axis, and its intrinsics have
+    negative focal lengths, which is what makes this plain pinhole projection land on the image
+    as RLBench saves it (camera +x goes to smaller columns, camera +y to smaller rows).
+    """
+    points = np.asarray(points_world, dtype=np.float64).reshape(-1, 3)
+    world_to_camera = np.linalg.inv(np.asarray(extrinsics, dtype=np.float64))
+    in_camera = points @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
+    depth = in_camera[:, 2]
+    if np.any(depth <= 1e-9):
+        raise ValueError(f"points_world: {int(np.sum(depth <= 1e-9))} point(s) lie behind the camera "
+                         f"(camera-frame z <= 0); expected points in front of it")
+    homogeneous = in_camera @ np.asarray(intrinsics, dtype=np.float64).T
+    return homogeneous[:, :2] / homogeneous[:, 2:3]
+
+
+def end_effector_trace(demo: Sequence, step: int, *, image_size: tuple[int, int],
+                       max_points: int = TRACE_POINTS) -> np.ndarray:
+    """The end effector's path from `step` to the end of the episode in the front image.
+
+    Returns exactly `max_points` integer pixel positions (column, row), clipped to the image
+    (`image_size` is (height, width)). The path starts at the current step and always ends at the
+    episode's last step; longer paths are subsampled evenly, shorter ones are padded by repeating
+    the last point (the arm stays where the episode ended). The camera is the one of `step`.
+    """
+    if not 0 <= step < len(demo):
+        raise ValueError(f"step: expected 0 <= step < {len(demo)} (the demo's length), got {step}")
+    misc = demo[step].misc or {}
+    if "front_camera_extrinsics" not in misc or "front_camera_intrinsics" not in misc:
+        raise ValueError("visual trace: the demo's observations need misc['front_camera_extrinsics'] "
+                         "and misc['front_camera_intrinsics'] (RLBench records them with each step)")
+    last = len(demo) - 1
+    if last - step + 1 > max_points:
+        indices = np.floor(np.linspace(step, last, max_points) + 0.5).astype(int)
+    else:
+        indices = np.arange(step, last + 1)
+    positions = np.array([np.asarray(demo[i].gripper_pose, dtype=np.float64)[:3] for i in indices])
+    pixels = project_points(positions, misc["front_camera_extrinsics"], misc["front_camera_intrinsics"])
+    height, width = image_size
+    pixels = np.clip(np.rint(pixels), [0, 0], [width - 1, height - 1]).astype(np.int64)
+    padding = np.repeat(pixels[-1:], max_points - len(pixels), axis=0)
+    return np.concatenate([pixels, padding])
+
+
+def episode_annotations(demo: Sequence, image_prefix: str, *, visual_trace: bool = False,
+                        history_noise: float = 0.0, rng: np.random.Generator | None = None,
+                        template: str | codec.Template = codec.TRAINING, first_id: int = 0,
+                        image_size: tuple[int, int] | None = None) -> list[dict]:
+    """LLaVA conversation entries for every labelled step of one demo, ids from `first_id` on.
+
+    `image_prefix` is the episode folder as the JSON should name it (relative to the data root).
+    `history_noise` is the sigma of the joint-history noise (LLARVA trained with 0.01), drawn from
+    `rng`. `image_size` (height, width) clips the visual trace; by default it is the loaded
+    front_rgb image's size.
+    """
+    template = codec.get_template(template)
+    descriptions = getattr(demo, "variation_descriptions", None)
+    if not descriptions:
+        raise ValueError(f"demo at {image_prefix!r} has no variation_descriptions; the first one is the "
+                         f"instruction")
+    instruction = descriptions[0]
+    if visual_trace and image_size is None:
+        if len(demo) == 0 or demo[0].front_rgb is None:
+            raise ValueError("image_size: needed for a visual trace when the demo's images are not loaded")
+        image_size = np.asarray(demo[0].front_rgb).shape[:2]
+
+    entries = []
+    for t in range(len(demo) - 1):
+        history = [demo[i].joint_positions for i in range(max(0, t - codec.HISTORY_STEPS + 1), t + 1)]
+        question = codec.build_question(
+            instruction, codec.format_history(history, noise_sigma=history_noise, rng=rng),
+            visual_trace=visual_trace, template=template)
+        label = demo[t + 1]
+        action = np.append(np.asarray(label.joint_velocities, dtype=np.float64), label.gripper_open)
+        trace = end_effector_trace(demo, t, image_size=image_size) if visual_trace else None
+        entries.append({
+            "id": first_id + t,
+            "image": posixpath.join(image_prefix, "front_rgb", f"{t}.png"),
+            "conversations": [
+                {"from": "human", "value": question},
+                {"from": "gpt", "value": codec.format_answer(action, trace, template=template)},
+            ],
+        })
+    return entries
+
+
+def episode_dirs(data_root: str | os.PathLike, task: str) -> list[Path]:
+    """`<data_root>/<task>/all_variations/episodes/episode<M>`, sorted by M; a clear error if none."""
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"data_root: {data_root} is not a folder")
+    task_dir = data_root / task
+    if not task_dir.is_dir():
+        found = sorted(p.name for p in data_root.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"task: no folder {task_dir}; task folders in {data_root}: {found or 'none'}")
+    episodes_dir = task_dir / "all_variations" / "episodes"
+    episodes = [p for p in episodes_dir.glob("episode*") if p.is_dir() and re.fullmatch(r"episode\d+", p.name)]
+    if not episodes:
+        raise FileNotFoundError(f"no episodes: expected folders {episodes_dir}/episode<M>/ (RLBench's layout)")
+    return sorted(episodes, key=lambda p: int(p.name[len("episode"):]))
+
+
+def annotate(data_root: str | os.PathLike, out_json: str | os.PathLike, task: str, *,
+             visual_trace: bool = False, history_noise: float = 0.0, seed: int = 0,
+             template: str | codec.Template = "training", shuffle: bool = True,
+             progress: bool = True) -> int:
+    """Write LLARVA's annotation JSON for every episode of `task` under `data_root`.
+
+    Image paths are relative to `data_root`. Ids count up in episode and step order; the list is
+    then shuffled. The same seed gives the same file (noise and order). The file is written
+    atomically: a reader never sees half of it. Returns the number of entries.
+    """
+    template = codec.get_template(template)
+    data_root = Path(data_root)
+    episodes = episode_dirs(data_root, task)
+    # Separate streams, so that turning the noise on or off does not change the order.
+    noise_rng, shuffle_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+
+    entries: list[dict] = []
+    for episode_dir in tqdm(episodes, desc=f"annotating {task}", unit="episode", disable=not progress):
+        demo = load_demo(episode_dir, load_images=False)
+        image_size = None
+        if visual_trace:   # the PNG header alone gives the size the trace is clipped to
+            with Image.open(episode_dir / "front_rgb" / "0.png") as image:
+                image_size = (image.height, image.width)
+        entries += episode_annotations(
+            demo, episode_dir.relative_to(data_root).as_posix(), visual_trace=visual_trace,
+            history_noise=history_noise, rng=noise_rng, template=template, first_id=len(entries),
+            image_size=image_size)
+    if shuffle:
+        entries = [entries[i] for i in shuffle_rng.permutation(len(entries))]
+
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_path = tempfile.mkstemp(dir=out_json.parent, prefix=f".{out_json.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as temp:
+            json.dump(entries, temp, indent=2)
+            temp.flush()
+            os.fsync(temp.fileno())
+        os.chmod(temp_path, 0o644)   # mkstemp makes it private to us; an annotation file is not
+        os.replace(temp_path, out_json)
+    except BaseException:
+        Path(temp_path).unlink(missing_ok=True)
+        raise
+    return len(entries)
