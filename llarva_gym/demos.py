@@ -58,6 +58,7 @@ VARIATION_NUMBER_PICKLE = "variation_number.pkl"
 # Image kinds kept as PNG folders. Point clouds are never stored: RLBench recomputes them from depth.
 STORED_IMAGE_KINDS = ("rgb", "depth", "mask")
 DEPTH_SCALE = 2**24 - 1          # RLBench's DEPTH_SCALE: depth 0..1 becomes a 24-bit integer
+_NO_OBJECT_CODE = 2**24 - 1      # mask code for handle -1 (MuJoCo's "no object")
 _PICKLE_PROTOCOL = 4             # what RLBench on Python >= 3.8 writes; readable by Python >= 3.4
 _EPISODE_NAME = re.compile(r"episode(\d+)")
 _IMAGE_FIELDS = tuple(f"{camera}_{kind}" for camera in CAMERAS for kind in IMAGE_KINDS)
@@ -76,7 +77,8 @@ class Demo:
     It is kept as given.
 
     `variation_number`, `variation_descriptions` and `episode_dir` are filled by `load_demo` from the
-    episode folder; they are not part of low_dim_obs.pkl (RLBench keeps them in their own files).
+    episode folder; `save_demo` leaves them out of low_dim_obs.pkl (RLBench keeps them in their own
+    files), but copies and ordinary pickles (e.g. between processes) keep them.
     """
 
     _LOADER_FIELDS = ("variation_number", "variation_descriptions", "episode_dir")
@@ -97,10 +99,6 @@ class Demo:
 
     def __iter__(self) -> Iterator[Observation]:
         return iter(self._observations)
-
-    def __getstate__(self) -> dict:
-        # What low_dim_obs.pkl holds: RLBench's own attributes only, so RLBench's Demo loads it.
-        return {k: v for k, v in self.__dict__.items() if k not in self._LOADER_FIELDS}
 
     def __setstate__(self, state: dict) -> None:
         # Start from the defaults: pickles from other RLBench versions may lack some attributes.
@@ -151,21 +149,26 @@ def encode_mask_rgb(handles) -> np.ndarray:
     """Object handles (H, W) integers -> RLBench's mask PNG pixels, (H, W, 3) uint8.
 
     RLBench codes a handle as R + 256 G + 65536 B: the LOW byte in R (the opposite of depth).
+    -1, "no object" in MuJoCo's segmentation (RLBench's scenes always show some object), is stored
+    as the all-ones code 2**24 - 1, which decode_mask_rgb turns back into -1.
     """
     handles = np.asarray(handles)
     if handles.ndim != 2 or not np.issubdtype(handles.dtype, np.integer):
         raise ValueError(f"mask: expected an (H, W) integer array of object handles, "
                          f"got shape {handles.shape} dtype {handles.dtype}")
-    if handles.size and (handles.min() < 0 or handles.max() > DEPTH_SCALE):
-        raise ValueError(f"mask: handles must lie in [0, {DEPTH_SCALE}] to fit 24 bits")
-    handles = handles.astype(np.uint32)
-    return np.stack([handles & 0xFF, (handles >> 8) & 0xFF, handles >> 16], axis=-1).astype(np.uint8)
+    if handles.size and (handles.min() < -1 or handles.max() >= _NO_OBJECT_CODE):
+        raise ValueError(f"mask: handles must lie in [-1, {_NO_OBJECT_CODE - 1}] to fit 24 bits, "
+                         f"got {handles.min()}..{handles.max()}")
+    code = np.where(handles == -1, _NO_OBJECT_CODE, handles).astype(np.uint32)
+    return np.stack([code & 0xFF, (code >> 8) & 0xFF, code >> 16], axis=-1).astype(np.uint8)
 
 
 def decode_mask_rgb(rgb) -> np.ndarray:
-    """RLBench's mask PNG pixels, (H, W, 3) uint8 -> object handles, (H, W) int32."""
+    """RLBench's mask PNG pixels, (H, W, 3) uint8 -> object handles, (H, W) int32 (-1: no object)."""
     rgb = _check_rgb_pixels(rgb, "mask PNG pixels").astype(np.int32)
-    return rgb[..., 0] + (rgb[..., 1] << 8) + (rgb[..., 2] << 16)
+    handles = rgb[..., 0] + (rgb[..., 1] << 8) + (rgb[..., 2] << 16)
+    handles[handles == _NO_OBJECT_CODE] = -1
+    return handles
 
 
 def _check_rgb_pixels(rgb, what: str) -> np.ndarray:
@@ -273,6 +276,13 @@ _WRITE_NAMES = {
 
 
 class _RLBenchNamesPickler(pickle._Pickler):
+    def reducer_override(self, obj):
+        # On disk a Demo holds RLBench's attributes only: the variation lives in its own files.
+        if type(obj) is Demo:
+            state = {k: v for k, v in obj.__dict__.items() if k not in Demo._LOADER_FIELDS}
+            return copyreg.__newobj__, (Demo,), state
+        return NotImplemented
+
     def save_global(self, obj, name=None):
         module_and_name = _WRITE_NAMES.get(obj)
         if module_and_name is None:
@@ -399,12 +409,14 @@ def _low_dim_copy(demo, observations: list[Observation]) -> Demo:
                 num_reset_attempts=getattr(demo, "num_reset_attempts", None))
 
 
-def save_demo(demo, episode_dir, *, variation_number: int, descriptions: Sequence[str],
-              cameras: Sequence[str] | None = None, image_kinds: Sequence[str] | None = None,
-              overwrite: bool = False) -> Path:
+def save_demo(demo, episode_dir, *, variation_number: int | None = None,
+              descriptions: Sequence[str] | None = None, cameras: Sequence[str] | None = None,
+              image_kinds: Sequence[str] | None = None, overwrite: bool = False) -> Path:
     """Write one episode in RLBench's layout into `episode_dir`; returns its path.
 
-    `demo` is a Demo (or a list of Observations). `cameras` and `image_kinds` (a subset of
+    `demo` is a Demo (or a list of Observations). `variation_number` and `descriptions` default
+    to the demo's `variation_number` and `variation_descriptions` (set by load_demo or a
+    recorder); one of the two places must give them. `cameras` and `image_kinds` (a subset of
     "rgb", "depth", "mask") choose the PNG folders; left as None, the images that the first
     observation carries are written. Every observation must carry every image written. RGB is
     (H, W, 3) uint8; depth is (H, W) metres, stored with the `misc` entries
@@ -420,10 +432,16 @@ def save_demo(demo, episode_dir, *, variation_number: int, descriptions: Sequenc
     bad = [i for i, obs in enumerate(observations) if not isinstance(obs, Observation)]
     if bad:
         raise ValueError(f"demo: step {bad[0]} is a {type(observations[bad[0]]).__name__}, expected an Observation")
+    if variation_number is None:
+        variation_number = getattr(demo, "variation_number", None)
+    if descriptions is None:
+        descriptions = getattr(demo, "variation_descriptions", None)
     if isinstance(variation_number, bool) or not isinstance(variation_number, (int, np.integer)) or variation_number < 0:
-        raise ValueError(f"variation_number: expected a non-negative int, got {variation_number!r}")
-    if isinstance(descriptions, str) or not all(isinstance(d, str) for d in descriptions):
-        raise ValueError(f"descriptions: expected a list of str, got {descriptions!r}")
+        raise ValueError(f"variation_number: expected a non-negative int (given, or set on the demo), "
+                         f"got {variation_number!r}")
+    if descriptions is None or isinstance(descriptions, str) or not all(isinstance(d, str) for d in descriptions):
+        raise ValueError(f"descriptions: expected a list of str (given, or the demo's variation_descriptions), "
+                         f"got {descriptions!r}")
     fields = _image_fields_to_write(observations[0], cameras, image_kinds)
     if episode_dir.exists() and not overwrite:
         raise FileExistsError(f"{episode_dir}: episode exists; pass overwrite=True to replace it "

@@ -27,3 +27,14 @@ def resolve_task(name: str) -> str:
         raise ValueError(f"task: unknown task {name!r}; known tasks: {sorted(TASKS)} "
                          f"(aliases: {sorted(ALIASES)})")
     return short
+
+
+def make_vec(env_id: str, num_envs: int, *, asynchronous: bool = True, **kwargs):
+    """A vector env for demos and evaluation: subprocess workers, same-step autoreset (as LeRobot,
+    Meta-World and ManiSkill evaluate), and no shared memory, which cannot carry a Text space."""
+    if num_envs == 1 or not asynchronous:
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **kwargs,
+                            vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
+    return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="async", **kwargs,
+                        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP,
+                                       "shared_memory": False})

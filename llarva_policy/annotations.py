@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import re
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from llarva_gym.demos import load_demo
+from llarva_gym.demos import episode_dirs, load_demo
 from llarva_policy import codec
 
 TRACE_POINTS = 30   # points in a visual trace, as the original development code (about 30)
@@ -121,20 +120,19 @@ def episode_annotations(demo: Sequence, image_prefix: str, *, visual_trace: bool
     return entries
 
 
-def episode_dirs(data_root: str | os.PathLike, task: str) -> list[Path]:
-    """`<data_root>/<task>/all_variations/episodes/episode<M>`, sorted by M; a clear error if none."""
-    data_root = Path(data_root)
+def _episodes_or_error(data_root: Path, task: str) -> list[Path]:
+    """The task's episode folders, sorted by number; an error naming what is missing if none."""
     if not data_root.is_dir():
         raise FileNotFoundError(f"data_root: {data_root} is not a folder")
-    task_dir = data_root / task
-    if not task_dir.is_dir():
+    if not (data_root / task).is_dir():
         found = sorted(p.name for p in data_root.iterdir() if p.is_dir())
-        raise FileNotFoundError(f"task: no folder {task_dir}; task folders in {data_root}: {found or 'none'}")
-    episodes_dir = task_dir / "all_variations" / "episodes"
-    episodes = [p for p in episodes_dir.glob("episode*") if p.is_dir() and re.fullmatch(r"episode\d+", p.name)]
+        raise FileNotFoundError(f"task: no folder {data_root / task}; task folders in {data_root}: "
+                                f"{found or 'none'}")
+    episodes = episode_dirs(data_root, task)     # raises if all_variations/episodes is missing
     if not episodes:
-        raise FileNotFoundError(f"no episodes: expected folders {episodes_dir}/episode<M>/ (RLBench's layout)")
-    return sorted(episodes, key=lambda p: int(p.name[len("episode"):]))
+        raise FileNotFoundError(f"no episodes: expected folders "
+                                f"{data_root / task}/all_variations/episodes/episode<M>/ (RLBench's layout)")
+    return episodes
 
 
 def annotate(data_root: str | os.PathLike, out_json: str | os.PathLike, task: str, *,
@@ -149,7 +147,7 @@ def annotate(data_root: str | os.PathLike, out_json: str | os.PathLike, task: st
     """
     template = codec.get_template(template)
     data_root = Path(data_root)
-    episodes = episode_dirs(data_root, task)
+    episodes = _episodes_or_error(data_root, task)
     # Separate streams, so that turning the noise on or off does not change the order.
     noise_rng, shuffle_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
 
@@ -160,10 +158,13 @@ def annotate(data_root: str | os.PathLike, out_json: str | os.PathLike, task: st
         if visual_trace:   # the PNG header alone gives the size the trace is clipped to
             with Image.open(episode_dir / "front_rgb" / "0.png") as image:
                 image_size = (image.height, image.width)
-        entries += episode_annotations(
-            demo, episode_dir.relative_to(data_root).as_posix(), visual_trace=visual_trace,
-            history_noise=history_noise, rng=noise_rng, template=template, first_id=len(entries),
-            image_size=image_size)
+        try:
+            entries += episode_annotations(
+                demo, episode_dir.relative_to(data_root).as_posix(), visual_trace=visual_trace,
+                history_noise=history_noise, rng=noise_rng, template=template, first_id=len(entries),
+                image_size=image_size)
+        except ValueError as error:   # say which of hundreds of episodes is bad
+            raise ValueError(f"{episode_dir}: {error}") from error
     if shuffle:
         entries = [entries[i] for i in shuffle_rng.permutation(len(entries))]
 

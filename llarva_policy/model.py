@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    AutoProcessor,
+    AutoImageProcessor,
     AutoTokenizer,
     CLIPVisionConfig,
-    CLIPVisionModel,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -46,8 +46,21 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 
-SIZES = ("tiny", "small", "7b")
-_DEFAULT_IMAGE_SIZE = {"tiny": 32, "small": 224, "7b": 336}
+# The CLIP tower's and the Llama's shapes for each size of tiny_llava_config; "7b" is LLaVA-1.5-7B's.
+_SHAPES = {
+    "tiny": (
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=8),
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    ),
+    "small": (
+        dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, patch_size=16),
+        dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8),
+    ),
+    "7b": (
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14),
+        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+    ),
+}
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
@@ -197,33 +210,28 @@ def tiny_llava_config(tokenizer, *, size: str = "tiny", image_size: int | None =
 
     The tokenizer must contain `<image>`; its size and special ids fill the text config.
     """
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if size not in _SHAPES:
+        raise ValueError(f"size must be one of {tuple(_SHAPES)}, got {size!r}")
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise ValueError(f"the tokenizer has no {IMAGE_TOKEN!r} token; build it with build_tokenizer()")
-    image_size = image_size or _DEFAULT_IMAGE_SIZE[size]
+    image_size = image_size or {"tiny": 32, "small": 224, "7b": 336}[size]
     special_ids = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
 
-    if size == "tiny":
-        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-        vocab_size = len(tokenizer)
-    elif size == "small":
-        vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, patch_size=16)
-        text = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8)
-        vocab_size = len(tokenizer)
-    else:
-        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
-        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
-        vocab_size = max(32064, len(tokenizer))
+    vision, text = _SHAPES[size]
+    # "7b" keeps LLaVA's 32064 embedding rows so that its memory and speed are the real model's.
+    vocab_size = max(32064, len(tokenizer)) if size == "7b" else len(tokenizer)
     if image_size % vision["patch_size"]:
         raise ValueError(f"image_size {image_size} is not a multiple of the patch size {vision['patch_size']}")
 
     vision_config = CLIPVisionConfig(
-        **vision, image_size=image_size, projection_dim=vision["hidden_size"], hidden_act="quick_gelu", layer_norm_eps=1e-5
+        **vision,
+        image_size=image_size,
+        projection_dim=vision["hidden_size"],
+        hidden_act="quick_gelu",  # OpenAI CLIP's activation
+        layer_norm_eps=1e-5,
     )
     text_config = LlamaConfig(
         **text,
@@ -244,14 +252,14 @@ def tiny_llava_config(tokenizer, *, size: str = "tiny", image_size: int | None =
     )
 
 
-def _make_processor(tokenizer, vision_config: CLIPVisionConfig, image_processor: LlavaImageProcessorPil) -> LlavaProcessor:
-    # The processor writes (crop/patch)^2 + num_additional_image_tokens - 1 ("default" drops CLS)
-    # copies of <image>, which is exactly the number of patch features the model scatters in.
+def _make_processor(tokenizer, vision_config, image_processor, select_strategy: str = "default") -> LlavaProcessor:
+    # The processor writes (crop/patch)^2 + num_additional_image_tokens, minus 1 if the strategy is
+    # "default" (CLS dropped), copies of <image>: the number of features the model scatters in.
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=vision_config.patch_size,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token
         image_token=IMAGE_TOKEN,
     )
@@ -451,11 +459,12 @@ def _finish(model, processor, tokenizer, layout: str, path: Path) -> LoadedLlava
             f"{path}: the tokenizer's {image_token!r} has id {image_token_id} but config.json says image_token_index "
             f"{config.image_token_id}"
         )
+    # The placeholders the processor writes for one image must match the features the tower makes,
+    # or every forward pass fails with a count mismatch deep inside the model: check once, here.
     vision = config.vision_config
-    num_patches = (vision.image_size // vision.patch_size) ** 2
-    num_features = num_patches + (config.vision_feature_select_strategy == "full")
-    crop = processor.image_processor.crop_size
-    num_image_tokens = processor._get_num_multimodal_tokens(image_sizes=[[crop["height"], crop["width"]]]).num_image_tokens[0]
+    num_features = (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+    probe = processor(images=Image.new("RGB", (vision.image_size, vision.image_size)), text=image_token)
+    num_image_tokens = probe["input_ids"][0].count(image_token_id)
     if num_image_tokens != num_features:
         raise CheckpointError(
             f"{path}: the processor writes {num_image_tokens} image tokens per image but the vision tower gives "
@@ -472,7 +481,9 @@ def _load_transformers_layout(path: Path, device: torch.device, dtype: torch.dty
     _weight_files(path)  # clear errors for missing or corrupt weights before transformers tries
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=str(device))
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        # The PIL backend whether or not torchvision is installed (see the import of LlavaImageProcessorPil).
+        image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+        processor = LlavaProcessor.from_pretrained(path, image_processor=image_processor)
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(
             f"could not load the processor from {path} ({err}); a transformers LLaVA checkpoint needs "
@@ -533,7 +544,9 @@ def _load_original_layout(path: Path, config: dict, device, dtype, vision_tower)
         raise CheckpointError(f"{config_file}: mm_use_im_start_end=true (image start/end tokens) is not supported")
     select_feature = config.get("mm_vision_select_feature", "patch")
     if select_feature not in _SELECT_FEATURE:
-        raise CheckpointError(f"{config_file}: mm_vision_select_feature {select_feature!r} is not 'patch' or 'cls_patch'")
+        raise CheckpointError(
+            f"{config_file}: mm_vision_select_feature {select_feature!r} is not 'patch' or 'cls_patch'"
+        )
 
     tower = _find_vision_tower(path, config, vision_tower)
     vision_config = CLIPVisionConfig.from_pretrained(tower)  # also reads a full CLIPModel's vision part
@@ -543,9 +556,60 @@ def _load_original_layout(path: Path, config: dict, device, dtype, vision_tower)
             f"size {vision_config.hidden_size}: wrong vision_tower folder"
         )
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    text_config = _llama_config_from_original(config)
+    # Handing over the config keeps AutoTokenizer from parsing config.json, whose model_type it does not know.
+    tokenizer = AutoTokenizer.from_pretrained(path, config=text_config)
     _add_image_and_pad_tokens(tokenizer)
 
+    state_dict = _original_state_dict(path)
+    if not any(key.startswith("model.vision_tower.") for key in state_dict):
+        # LLaVA releases leave the (frozen) CLIP tower out of the checkpoint.
+        state_dict.update(_clip_vision_state_dict(tower))
+    # Rows for the tokens just added (<image>, maybe <pad>): the mean of the trained rows. The
+    # <image> row of the embedding is never read (image features replace it); its lm_head row
+    # gives an average logit, so greedy decoding does not emit it.
+    vocab_size = max(len(tokenizer), state_dict["model.language_model.embed_tokens.weight"].shape[0])
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        if key in state_dict:
+            state_dict[key] = _append_mean_rows(state_dict[key], vocab_size)
+    text_config.vocab_size = vocab_size
+    text_config.pad_token_id = tokenizer.pad_token_id
+
+    llava_config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_layer=config.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy=_SELECT_FEATURE[select_feature],
+    )
+    # from_pretrained with a state dict (rather than the constructor) builds on the meta device and
+    # fills the weights once: no 7B random initialisation, and the requested dtype and device.
+    model = LlavaForConditionalGeneration.from_pretrained(
+        None, config=llava_config, state_dict=state_dict, dtype=dtype, device_map=str(device)
+    )
+    del state_dict
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    image_processor = _image_processor_from_clip_folder(tower, pad_to_square=config.get("image_aspect_ratio") == "pad")
+    processor = _make_processor(tokenizer, vision_config, image_processor, _SELECT_FEATURE[select_feature])
+    return _finish(model, processor, tokenizer, "original", path)
+
+
+def _llama_config_from_original(config: dict) -> LlamaConfig:
+    llama_fields = {field: config[field] for field in _LLAMA_FIELDS if field in config}
+    # transformers 5 folds rope_theta and rope_scaling into rope_parameters (the old names warn).
+    rope_scaling = dict(llama_fields.pop("rope_scaling", None) or {})
+    rope_type = rope_scaling.pop("rope_type", rope_scaling.pop("type", "default"))
+    rope_parameters = {**rope_scaling, "rope_type": rope_type, "rope_theta": llama_fields.pop("rope_theta", 10000.0)}
+    return LlamaConfig(**llama_fields, rope_parameters=rope_parameters)
+
+
+def _original_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights under LlavaForConditionalGeneration's names."""
     state_dict = {}
     unknown = []
     for key, tensor in _read_state_dict(_weight_files(path)).items():
@@ -561,46 +625,21 @@ def _load_original_layout(path: Path, config: dict, device, dtype, vision_tower)
             f"{path}: weights {unknown[:5]}{' ...' if len(unknown) > 5 else ''} are not part of a LLaVA-1.5 "
             "model (expected Llama names, model.mm_projector.{0,2}.* and model.vision_tower.vision_tower.*)"
         )
-    if not any(key.startswith("model.vision_tower.") for key in state_dict):
-        # LLaVA releases leave the (frozen) CLIP tower out of the checkpoint.
-        clip = CLIPVisionModel.from_pretrained(tower, dtype=torch.float32)
-        state_dict.update({f"model.vision_tower.{key}": value for key, value in clip.state_dict().items()})
-        del clip
+    return state_dict
 
-    # Rows for the tokens just added (<image>, maybe <pad>): the mean of the trained rows. The
-    # <image> row of the embedding is never read (image features replace it); its lm_head row
-    # gives an average logit, so greedy decoding does not emit it.
-    vocab_size = max(len(tokenizer), state_dict["model.language_model.embed_tokens.weight"].shape[0])
-    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-        if key in state_dict:
-            state_dict[key] = _append_mean_rows(state_dict[key], vocab_size)
 
-    text_config = LlamaConfig(**{field: config[field] for field in _LLAMA_FIELDS if field in config})
-    text_config.vocab_size = vocab_size
-    text_config.pad_token_id = tokenizer.pad_token_id
-    llava_config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
-        projector_hidden_act="gelu",
-        vision_feature_layer=config.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy=_SELECT_FEATURE[select_feature],
-        tie_word_embeddings=config.get("tie_word_embeddings", False),
-    )
-    model = LlavaForConditionalGeneration.from_pretrained(
-        None, config=llava_config, state_dict=state_dict, dtype=dtype, device_map=str(device)
-    )
-    del state_dict
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+# Parts of a full CLIPModel (or CLIPVisionModelWithProjection) folder that LLaVA does not use.
+_CLIP_UNUSED_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
 
-    image_processor = _image_processor_from_clip_folder(tower, pad_to_square=config.get("image_aspect_ratio") == "pad")
-    processor = _make_processor(tokenizer, vision_config, image_processor)
-    if select_feature == "cls_patch":
-        processor.vision_feature_select_strategy = "full"
-    return _finish(model, processor, tokenizer, "original", path)
+
+def _clip_vision_state_dict(tower: Path) -> dict[str, torch.Tensor]:
+    # Keys stay as the folder has them ("vision_model.encoder..." from older transformers or OpenAI's
+    # CLIPModel, "encoder..." from transformers 5): from_pretrained's own renaming maps both.
+    return {
+        f"model.vision_tower.{key}": tensor
+        for key, tensor in _read_state_dict(_weight_files(tower)).items()
+        if not key.startswith(_CLIP_UNUSED_PREFIXES)
+    }
 
 
 def _append_mean_rows(weight: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -285,3 +285,10 @@ def test_annotate_reads_demos_saved_by_llarva_gym(tmp_path):
     assert annotate(root, out, TASK, visual_trace=True, shuffle=False, progress=False) == 8
     entries = json.loads(out.read_text())
     assert entries[:2] == episode_annotations(short_demo(), PREFIX, visual_trace=True, image_size=(128, 128))
+
+
+def test_annotate_names_the_bad_episode(data_root, tmp_path, monkeypatch):
+    nameless = HandBuiltDemo(short_demo(), [])
+    monkeypatch.setattr(annotations, "load_demo", lambda episode_dir, **kwargs: nameless)
+    with pytest.raises(ValueError, match=r"episode0: .*variation_descriptions"):
+        annotate(data_root, tmp_path / "a.json", TASK, progress=False)

@@ -1,10 +1,23 @@
 """The embedded simulator: RLBench tasks re-created on MuJoCo."""
 
 import ctypes.util
+import importlib
 import os
+import sys
 
-# MuJoCo picks its OpenGL platform when it is imported. With no screen, render offscreen: EGL
-# (GPU or Mesa's llvmpipe) where libEGL exists, else OSMesa. A user's own MUJOCO_GL wins.
-if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-    os.environ["MUJOCO_GL"] = "egl" if ctypes.util.find_library("EGL") else "osmesa"
-    os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+
+def _choose_offscreen_gl() -> None:
+    """With no screen, render offscreen: EGL (a GPU or Mesa's llvmpipe) where libEGL exists, else
+    OSMesa. MuJoCo picks its OpenGL platform when imported; a user's own MUJOCO_GL wins."""
+    if "MUJOCO_GL" in os.environ or os.environ.get("DISPLAY"):
+        return
+    platform = "egl" if ctypes.util.find_library("EGL") else "osmesa"
+    os.environ["MUJOCO_GL"] = platform
+    os.environ.setdefault("PYOPENGL_PLATFORM", platform)
+    if "mujoco" in sys.modules:
+        # mujoco was imported before us and chose GLFW, which needs a screen: swap the context class.
+        from mujoco.rendering.classic import gl_context
+        gl_context.GLContext = importlib.import_module(f"mujoco.{platform}").GLContext
+
+
+_choose_offscreen_gl()

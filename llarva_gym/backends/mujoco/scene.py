@@ -56,13 +56,15 @@ class Cameras:
 
     def __init__(self, model: mujoco.MjModel, config: ObservationConfig):
         self.model, self.config = model, config
-        height, width = config.image_size
-        self._renderer = mujoco.Renderer(model, height=height, width=width)
-        self._segmenter = None
+        self._renderer: mujoco.Renderer | None = None   # made on first use: a GL context made
+        # before a fork (a vector env's parent making its spaces) hangs the forked workers
         self.near = float(model.vis.map.znear * model.stat.extent)
         self.far = float(model.vis.map.zfar * model.stat.extent)
 
     def render(self, data: mujoco.MjData) -> dict[str, np.ndarray]:
+        if self._renderer is None:
+            height, width = self.config.image_size
+            self._renderer = mujoco.Renderer(self.model, height=height, width=width)
         images = {}
         for camera in self.config.cameras:
             self._renderer.update_scene(data, camera)
@@ -105,4 +107,6 @@ class Cameras:
         return misc
 
     def close(self):
-        self._renderer.close()
+        if self._renderer is not None:
+            self._renderer.close()
+            self._renderer = None
