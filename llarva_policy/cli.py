@@ -1,0 +1,136 @@
+"""The `llarva` command. Each subcommand imports only what it needs, so `llarva demos` and
+`llarva eval --policy expert` never load torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = {
+    "demos": "record scripted-expert demos in RLBench's on-disk layout",
+    "annotate": "turn demos into LLARVA's instruction-tuning JSON",
+    "finetune": "LoRA instruction tuning of a LLaVA checkpoint (transformers Trainer, DeepSpeed)",
+    "merge-lora": "merge a LoRA adapter into its base model and save a full checkpoint",
+    "eval": "evaluate a policy on an embedded (or real RLBench) task",
+    "quickstart": "the main job on the embedded simulator: evaluate and write a rollout video",
+}
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"llarva {command}", description=COMMANDS[command])
+    if command == "demos":
+        p.add_argument("--task", required=True, help="RLBench task name or alias, comma separated for several")
+        p.add_argument("--episodes", type=int, required=True, help="successful episodes per task")
+        p.add_argument("--out", required=True, help="dataset root (RLBench layout)")
+        p.add_argument("--image-size", type=int, default=128)
+        p.add_argument("--cameras", type=_csv, default=("front",), help="e.g. front,wrist")
+        p.add_argument("--depth", action="store_true", help="also write depth images")
+        p.add_argument("--variation", type=int, default=None, help="one variation (default: all, drawn per episode)")
+        p.add_argument("--processes", type=int, default=1)
+        p.add_argument("--seed", type=int, default=0, help="episode i uses seed (seed, i): reproducible")
+    elif command == "annotate":
+        p.add_argument("--data", required=True, help="dataset root holding <task>/all_variations/episodes")
+        p.add_argument("--out", required=True, help="annotation JSON to write")
+        p.add_argument("--task", required=True)
+        p.add_argument("--visual-trace", action="store_true")
+        p.add_argument("--history-noise", type=float, default=0.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--template", default="training", help="training | released_inference")
+    elif command == "finetune":
+        p.add_argument("--model", required=True, help="LLaVA checkpoint (transformers or original layout)")
+        p.add_argument("--data", required=True, help="annotation JSON")
+        p.add_argument("--images", required=True, help="folder the annotation image paths are relative to")
+        p.add_argument("--output", required=True)
+        p.add_argument("--vision-tower", default=None, help="CLIP folder for original-layout checkpoints")
+        p.add_argument("--lora-r", type=int, default=128)
+        p.add_argument("--lora-alpha", type=int, default=256)
+        p.add_argument("--lora-dropout", type=float, default=0.05)
+        p.add_argument("--full", action="store_true", help="tune every language-model weight instead of LoRA")
+        p.add_argument("--lr", type=float, default=2e-4)
+        p.add_argument("--projector-lr", type=float, default=2e-5)
+        p.add_argument("--epochs", type=float, default=1.0)
+        p.add_argument("--max-steps", type=int, default=-1)
+        p.add_argument("--batch-size", type=int, default=4)
+        p.add_argument("--grad-accum", type=int, default=1)
+        p.add_argument("--max-length", type=int, default=2048)
+        p.add_argument("--deepspeed", default=None, help="zero2 | zero3 | path to a DeepSpeed JSON")
+        p.add_argument("--bf16", action="store_true")
+        p.add_argument("--gradient-checkpointing", action="store_true")
+        p.add_argument("--save-steps", type=int, default=500)
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+        p.add_argument("--seed", type=int, default=0)
+    elif command == "merge-lora":
+        p.add_argument("--adapter", required=True)
+        p.add_argument("--output", required=True)
+    elif command in ("eval", "quickstart"):
+        default_task = "sweep_to_dustpan" if command == "quickstart" else None
+        p.add_argument("--task", required=default_task is None, default=default_task)
+        p.add_argument("--checkpoint", default=None, help="LlarvaPolicy checkpoint; omit for --policy expert")
+        p.add_argument("--policy", default="llarva" if command == "eval" else "expert", choices=("llarva", "expert"))
+        p.add_argument("--episodes", type=int, default=10 if command == "eval" else 4)
+        p.add_argument("--episode-length", type=int, default=120)
+        p.add_argument("--num-envs", type=int, default=1)
+        p.add_argument("--demos", default=None, help="start episodes from these stored demos (dataset root)")
+        p.add_argument("--video", default=None if command == "eval" else "outputs/quickstart/videos")
+        p.add_argument("--results", default=None if command == "eval" else "outputs/quickstart/results.json")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default=None)
+        p.add_argument("--dtype", default=None)
+        p.add_argument("--visual-trace", action="store_true", help="the checkpoint answers with a visual trace")
+        p.add_argument("--template", default="training")
+    return p
+
+
+def _run(command: str, args: argparse.Namespace) -> None:
+    if command == "demos":
+        from llarva_gym.demos import record_demos
+        for task in _csv(args.task):
+            record_demos(task, args.episodes, args.out, image_size=args.image_size, cameras=args.cameras,
+                         depth=args.depth, processes=args.processes, variation=args.variation, seed=args.seed)
+    elif command == "annotate":
+        from llarva_policy.annotations import annotate
+        count = annotate(args.data, args.out, args.task, visual_trace=args.visual_trace,
+                         history_noise=args.history_noise, seed=args.seed, template=args.template)
+        print(f"wrote {count} annotations to {args.out}")
+    elif command == "finetune":
+        from llarva_policy.finetune import finetune
+        options = {k: v for k, v in vars(args).items()}
+        finetune(**options)
+    elif command == "merge-lora":
+        from llarva_policy.finetune import merge_lora
+        merge_lora(args.adapter, args.output)
+    else:
+        from llarva_gym.evaluation import evaluate, print_summary
+        if args.policy == "expert":
+            policy = "expert"
+        else:
+            if not args.checkpoint:
+                raise SystemExit("llarva eval: --checkpoint PATH is required unless --policy expert")
+            from llarva_policy.policy import LlarvaPolicy
+            policy = LlarvaPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
+                                                  with_visual_trace=args.visual_trace, template=args.template)
+        results = evaluate(policy, args.task, episodes=args.episodes, episode_length=args.episode_length,
+                           num_envs=args.num_envs, demos=args.demos, video_dir=args.video,
+                           results_path=args.results, seed=args.seed)
+        print_summary(results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        listing = "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+        print(f"usage: llarva <command> [options]\n\ncommands:\n{listing}\n\n`llarva <command> --help` for options")
+        if argv and argv[0] not in ("-h", "--help"):
+            raise SystemExit(f"llarva: unknown command {argv[0]!r}")
+        return
+    command = argv[0]
+    _run(command, _parser(command).parse_args(argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
