@@ -22,6 +22,9 @@ needs `rlbench` importable; without RLBench, use `load_low_dim_pickle` or `load_
 
 Writes are atomic: an episode is written into a hidden temporary sibling folder and renamed into
 place when complete, so a crash never leaves a half-written `episode<M>`.
+
+Recording scripted-expert demos (`record_demos`, the `llarva demos` command) lives in
+`llarva_gym.recording` and is importable from here too.
 """
 
 from __future__ import annotations
@@ -568,3 +571,12 @@ def load_demo(episode_dir, *, cameras: Sequence[str] = ("front",), image_kinds: 
                 for obs, path in zip(demo, paths):
                     setattr(obs, f"{camera}_{kind}", _load_image(path, obs, camera, kind))
     return demo
+
+
+def __getattr__(name: str):
+    # record_demos lives in llarva_gym.recording (it needs the env and the expert); imported on
+    # first use so that reading demos stays light and the two modules can import each other.
+    if name == "record_demos":
+        from llarva_gym.recording import record_demos
+        return record_demos
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -71,13 +71,15 @@ class RLBenchEnv(gym.Env):
             if self.obs_config.rgb:
                 fields[f"{camera}_rgb"] = spaces.Box(0, 255, (height, width, 3), np.uint8)
             if self.obs_config.depth:
-                fields[f"{camera}_depth"] = spaces.Box(0, np.inf, (height, width), np.float32)
+                fields[f"{camera}_depth"] = spaces.Box(0, 10, (height, width), np.float32)   # metres
             if self.obs_config.mask:
                 fields[f"{camera}_mask"] = spaces.Box(-1, 2**31 - 1, (height, width), np.int32)
         fields["joint_positions"] = spaces.Box(JOINT_LOWER.astype(np.float32), JOINT_UPPER.astype(np.float32), dtype=np.float32)
         fields["joint_velocities"] = spaces.Box(-VELOCITY_LIMIT.astype(np.float32), VELOCITY_LIMIT.astype(np.float32), dtype=np.float32)
         fields["gripper_open"] = spaces.Box(0.0, 1.0, (1,), np.float32)
-        fields["gripper_pose"] = spaces.Box(-np.inf, np.inf, (7,), np.float32)
+        # xyz within the scene (metres), then a unit quaternion xyzw
+        fields["gripper_pose"] = spaces.Box(np.array([-3, -3, 0, -1, -1, -1, -1], np.float32),
+                                            np.array([3, 3, 3, 1, 1, 1, 1], np.float32), dtype=np.float32)
         fields["instruction"] = spaces.Text(INSTRUCTION_MAX_LENGTH, charset=INSTRUCTION_CHARSET)
         return spaces.Dict(fields)
 

@@ -9,6 +9,9 @@ import sys
 def _choose_offscreen_gl() -> None:
     """With no screen, render offscreen: EGL (a GPU or Mesa's llvmpipe) where libEGL exists, else
     OSMesa. MuJoCo picks its OpenGL platform when imported; a user's own MUJOCO_GL wins."""
+    # Mesa's software rasteriser renders a 128x128 frame as fast on the calling thread as with
+    # helper threads, and without them a process that has rendered can fork safely (vector envs).
+    os.environ.setdefault("LP_NUM_THREADS", "0")
     if "MUJOCO_GL" in os.environ or os.environ.get("DISPLAY"):
         return
     platform = "egl" if ctypes.util.find_library("EGL") else "osmesa"

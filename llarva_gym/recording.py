@@ -1,0 +1,282 @@
+"""Record scripted-expert demos in RLBench's on-disk layout: `llarva demos`, RLBench's dataset_generator.
+
+    record_demos("sweep_to_dustpan", 100, "data/train", cameras=("front", "wrist"), processes=4)
+
+writes `data/train/sweep_to_dustpan_of_size/all_variations/episodes/episode0 .. episode99`.
+
+Attempts and episodes. Attempt k of a run with seed s resets the env with a seed derived from
+(s, k) alone, so attempt k gives the same episode in any process and any run. The expert nearly
+always succeeds, but not always: a failed attempt is discarded and the next one tried, and
+episode M is the M-th successful attempt. So the dataset depends only on (task, seed, options),
+not on the number of processes or on interruptions.
+
+Resume. Each episode folder holds `llarva_episode.json` (the seed, the attempt index and the
+options it was recorded with). A rerun counts the episodes already there and continues at the
+attempt after the last one's; `episodes` is the number of episodes the folder should hold. Episodes
+appear only by renaming a complete folder into place, so an interrupted run never leaves a
+half-written `episode<M>`; the hidden leftovers of one are removed by the next run.
+
+Processes. `processes=N` runs attempts in N worker processes (the "spawn" start method: a forked
+OpenGL context is not safe), each with its own env; results come back in attempt order and
+episodes are numbered in that order. A worker writes its successful attempt into a hidden staging
+folder (PNG encoding is the slow part of writing, so it happens in parallel); the main process
+renames staging folders into `episode<M>` in order. Scripts that use processes > 1 need the usual
+`if __name__ == "__main__":` guard, as any "spawn" multiprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import time
+import warnings
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from tqdm import tqdm
+
+from llarva_gym.demos import Demo, episode_dirs, episode_path, episodes_dir, next_episode_index, save_demo
+from llarva_gym.expert import ScriptedExpert
+from llarva_gym.observation import ObservationConfig
+from llarva_gym.registration import MAX_EPISODE_STEPS, TASKS, resolve_task
+
+EPISODE_INFO = "llarva_episode.json"   # how an episode was recorded; read on resume
+# Hidden folders an interrupted run may leave in the episodes folder: our staging folders
+# (".attempt<k>") and save_demo's temporary ones ("..attempt<k>.tmp-...", ".episode<M>.tmp-...").
+_LEFTOVER = re.compile(r"\.{1,2}(attempt\d+|episode\d+)(\..*)?")
+# The options an episode is recorded with; a resumed run must use the same ones.
+_SETTINGS = ("task", "seed", "cameras", "image_size", "depth", "variation", "max_episode_steps")
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The `env.reset(seed=...)` of attempt `attempt` of a run with `seed`: a function of the two alone."""
+    return int(np.random.SeedSequence([seed, attempt]).generate_state(1)[0])
+
+
+@dataclass
+class Attempt:
+    """What one attempt gave: a staged episode folder if the expert succeeded, else the reason."""
+
+    index: int
+    reset_seed: int
+    steps: int
+    success: bool
+    reason: str = ""
+    staged: str | None = None   # hidden folder holding the complete episode, to be renamed into place
+
+
+# --- one attempt (runs in a worker process, or in the main one when processes=1) ------------------
+
+_worker: dict = {}   # this process's env and recording settings, made by _start_worker
+
+
+def _start_worker(settings: dict, folder: str) -> None:
+    """Make this process's env (each process needs its own simulator and OpenGL context)."""
+    import llarva_gym  # noqa: F401  (registers the llarva/ ids in a spawned process)
+    env = gym.make(f"llarva/{settings['task']}", cameras=settings["cameras"], image_size=settings["image_size"],
+                   depth=settings["depth"], variation=settings["variation"],
+                   max_episode_steps=settings["max_episode_steps"])
+    _worker.update(env=env, expert=ScriptedExpert(env), settings=settings, folder=Path(folder))
+
+
+def _stop_worker() -> None:
+    if "env" in _worker:
+        _worker["env"].close()
+    _worker.clear()
+
+
+def record_episode(env, expert, reset_seed: int) -> tuple[Demo, dict]:
+    """Run the expert for one episode from `env.reset(seed=reset_seed)`, keeping RLBench's record of
+    every step: the observation right after reset, then one after each step (the last included).
+    Returns the Demo and the final step's info (`success` says whether to keep it)."""
+    obs, info = env.reset(seed=reset_seed)
+    demo = Demo([env.unwrapped.rlbench_observation()],
+                random_seed={"episode_seed": info["episode_seed"], "variation": info["variation"]})
+    demo.variation_number, demo.variation_descriptions = info["variation"], list(info["descriptions"])
+    terminated = truncated = False
+    while not (terminated or truncated):
+        action, _ = expert.predict(obs)
+        obs, _, terminated, truncated, info = env.step(action)
+        demo._observations.append(env.unwrapped.rlbench_observation())
+    return demo, info
+
+
+def _run_attempt(index: int) -> Attempt:
+    """Record attempt `index` with this process's env; stage it on disk if the expert succeeded."""
+    settings, folder = _worker["settings"], _worker["folder"]
+    reset_seed = attempt_seed(settings["seed"], index)
+    try:
+        demo, info = record_episode(_worker["env"], _worker["expert"], reset_seed)
+    except Exception as error:   # a simulator failure loses this attempt, not the run (as RLBench)
+        return Attempt(index, reset_seed, 0, False, f"{type(error).__name__}: {error}")
+    steps = len(demo) - 1
+    if not info["success"]:
+        return Attempt(index, reset_seed, steps, False, f"no success within {steps} steps")
+    staged = folder / f".attempt{index}"
+    save_demo(demo, staged, overwrite=True)
+    record = {**settings, "attempt": index, "reset_seed": reset_seed, "steps": steps,
+              "episode_seed": info["episode_seed"], "variation_number": info["variation"]}
+    (staged / EPISODE_INFO).write_text(json.dumps(record, indent=1) + "\n")
+    return Attempt(index, reset_seed, steps, True, staged=str(staged))
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps) -> dict:
+    """Checked options, in the JSON-friendly form stored in each episode's llarva_episode.json."""
+    if isinstance(cameras, str):
+        cameras = [c.strip() for c in cameras.split(",") if c.strip()]
+    config = ObservationConfig(cameras=cameras, image_size=image_size, depth=depth)   # names bad values
+    if variation is not None and not (isinstance(variation, (int, np.integer)) and 0 <= variation < TASKS[task]):
+        raise ValueError(f"variation: expected None (one drawn per episode) or an int in "
+                         f"[0, {TASKS[task] - 1}] for {task}, got {variation!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+    if not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1:
+        raise ValueError(f"max_episode_steps: expected a positive int, got {max_episode_steps!r}")
+    return {"task": task, "seed": int(seed), "cameras": list(config.cameras), "image_size": list(config.image_size),
+            "depth": bool(depth), "variation": None if variation is None else int(variation),
+            "max_episode_steps": int(max_episode_steps)}
+
+
+def _remove_leftovers(folder: Path) -> None:
+    # Hidden folders of an interrupted run: complete or partial, they are not episodes.
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            if entry.is_dir() and _LEFTOVER.fullmatch(entry.name):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _first_attempt(existing: list[Path], settings: dict) -> int:
+    """The attempt after the last recorded episode's; refuses to extend a folder made differently."""
+    if not existing:
+        return 0
+    info_path = existing[-1] / EPISODE_INFO
+    if not info_path.is_file():
+        raise ValueError(f"{existing[-1]}: has no {EPISODE_INFO}, so it was not recorded by record_demos "
+                         f"and a run cannot continue it reproducibly; write to another `out` folder")
+    try:
+        recorded = json.loads(info_path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{info_path}: not readable JSON ({error}); the last episode is damaged, "
+                         f"remove {existing[-1].name} to continue") from None
+    differing = {key: (recorded.get(key), settings[key]) for key in _SETTINGS if recorded.get(key) != settings[key]}
+    if differing:
+        listing = ", ".join(f"{key}: recorded {old!r}, asked {new!r}" for key, (old, new) in differing.items())
+        raise ValueError(f"{info_path}: the episodes in this folder were recorded with other options ({listing}); "
+                         f"continue with the same options or write to another `out` folder")
+    if not isinstance(recorded.get("attempt"), int):
+        raise ValueError(f"{info_path}: has no integer 'attempt'; remove {existing[-1].name} to continue")
+    return recorded["attempt"] + 1
+
+
+def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("front",), depth: bool = False,
+                 processes: int = 1, variation: int | None = None, seed: int = 0, progress: bool = True,
+                 max_episode_steps: int = MAX_EPISODE_STEPS, max_attempts: int | None = None) -> dict:
+    """Record scripted-expert episodes of `task` until `<out>/<task>/all_variations/episodes` holds
+    `episodes` of them (RLBench's layout, `task` resolved to RLBench's name); returns a summary.
+
+    `cameras` (names, or "front,wrist"), `image_size` and `depth` choose the images stored;
+    `variation` fixes one variation (default: one drawn per episode from its seed). Episodes are
+    a function of (task, seed, options) alone, whatever `processes` is and however often the run
+    was interrupted and resumed. An episode must succeed within `max_episode_steps` steps (the
+    evaluation's limit by default); failed attempts are discarded. `max_attempts` caps the
+    attempts of this call (default: twice the episodes still missing, plus 10); reaching it
+    warns and returns with `complete` False.
+
+    Summary: task, episodes_dir, episodes (in the folder now), episodes_written (by this call),
+    attempts, failures (list of {attempt, reason}), complete, seconds, demos_per_minute.
+    """
+    started = time.perf_counter()
+    task = resolve_task(task)
+    settings = _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps)
+    if isinstance(episodes, bool) or not isinstance(episodes, (int, np.integer)) or episodes < 0:
+        raise ValueError(f"episodes: expected a non-negative int, got {episodes!r}")
+    if isinstance(processes, bool) or not isinstance(processes, (int, np.integer)) or processes < 1:
+        raise ValueError(f"processes: expected a positive int, got {processes!r}")
+
+    folder = episodes_dir(out, task)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(folder)
+    existing = episode_dirs(out, task)
+    next_attempt = _first_attempt(existing, settings)
+    next_index = next_episode_index(out, task)
+    missing = max(0, episodes - len(existing))
+    if max_attempts is None:
+        max_attempts = 2 * missing + 10
+    attempt_limit = next_attempt + max_attempts
+
+    written, failures, attempts = 0, [], 0
+    bar = tqdm(total=episodes, initial=min(len(existing), episodes), desc=f"demos {task}", unit="demo",
+               disable=not progress, dynamic_ncols=True)
+    pool = None
+    try:
+        if missing and processes == 1:
+            _start_worker(settings, str(folder))
+        elif missing:
+            pool = ProcessPoolExecutor(min(processes, missing), mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_start_worker, initargs=(settings, str(folder)))
+        # Keep as many attempts under way as there are episodes still missing (at most 2 per
+        # process, so none waits for work): with a successful expert, none is wasted at the end.
+        window = 1 if pool is None else 2 * processes
+        under_way: deque = deque()
+        while written < missing:
+            while len(under_way) < min(window, missing - written) and next_attempt < attempt_limit:
+                under_way.append(_Done(_run_attempt(next_attempt)) if pool is None
+                                 else pool.submit(_run_attempt, next_attempt))
+                next_attempt += 1
+            if not under_way:
+                break
+            result: Attempt = under_way.popleft().result()
+            attempts += 1
+            if not result.success:
+                failures.append({"attempt": result.index, "reason": result.reason})
+                bar.set_postfix(failures=len(failures))
+                continue
+            target = episode_path(out, task, next_index)
+            try:
+                os.rename(result.staged, target)
+            except OSError as error:
+                raise FileExistsError(f"{target}: could not move the recorded episode into place ({error}); "
+                                      f"is another run writing to this folder?") from error
+            next_index += 1
+            written += 1
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        _stop_worker()
+        _remove_leftovers(folder)   # the staged episodes of attempts no longer needed
+
+    seconds = time.perf_counter() - started
+    summary = {"task": task, "episodes_dir": str(folder), "episodes": len(existing) + written,
+               "episodes_written": written, "attempts": attempts, "failures": failures,
+               "complete": len(existing) + written >= episodes, "processes": int(processes),
+               "seconds": round(seconds, 3), "demos_per_minute": round(60 * written / seconds, 2)}
+    if not summary["complete"]:
+        warnings.warn(f"record_demos: {task}: stopped after {attempts} attempts ({len(failures)} failed) with "
+                      f"{summary['episodes']} of {episodes} episodes; last failure: "
+                      f"{failures[-1]['reason'] if failures else 'none'}. Rerun to continue "
+                      f"(or raise max_attempts)", RuntimeWarning, stacklevel=2)
+    if progress:
+        tqdm.write(f"{task}: wrote {written} episodes ({summary['episodes']} in {folder}), {attempts} attempts, "
+                   f"{len(failures)} failed, {seconds:.1f} s, {summary['demos_per_minute']:.1f} demos/min")
+    return summary
+
+
+class _Done:
+    """An attempt run in this process, with a future's `result()` like those run by the pool."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
