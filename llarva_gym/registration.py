@@ -6,8 +6,7 @@ from llarva_gym.backends.mujoco.tasks import TASKS as _EMBEDDED_TASKS
 
 # Every supported RLBench task and its number of variations.
 TASKS: dict[str, int] = {name: task.variation_count for name, task in _EMBEDDED_TASKS.items()}
-ALIASES: dict[str, str] = {"sweep_to_dustpan": "sweep_to_dustpan_of_size"}
-MAX_EPISODE_STEPS = 120   # LLARVA's evaluation episode length
+ALIASES: dict[str, str] = {alias: name for name, task in _EMBEDDED_TASKS.items() for alias in task.aliases}
 
 
 def register_all() -> None:
@@ -16,7 +15,7 @@ def register_all() -> None:
         env_id = f"llarva/{env_name}"
         if env_id not in gym.registry:
             gym.register(env_id, entry_point="llarva_gym.env:RLBenchEnv", kwargs={"task": task},
-                         max_episode_steps=MAX_EPISODE_STEPS)
+                         max_episode_steps=_EMBEDDED_TASKS[task].max_episode_steps)
 
 
 def resolve_task(name: str) -> str:

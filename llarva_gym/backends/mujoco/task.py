@@ -1,4 +1,20 @@
-"""What every embedded task file defines: objects (MJCF), variations, descriptions, success, waypoints."""
+"""What every embedded task file defines: objects (MJCF), variations, descriptions, success, waypoints.
+
+A task file (`tasks/<rlbench_name>.py`) holds one `Task` subclass; it is found by itself. Conventions:
+- World frame: z up, the table top at `TABLE_HEIGHT` (0.752 m), the robot base at (-0.3, 0), the
+  front camera at +x looking back at the robot. Keep objects within x 0.0..0.45, |y| < 0.35 (the
+  arm reaches comfortably there with the gripper pointing down).
+- Collision bits: geoms collide with each other through bit 1 (MJCF's default contype=1
+  conaffinity=1). The fingers have contype=2, conaffinity=0: give a geom conaffinity="3" for the
+  fingers to push it (buttons, blocks to slide). The arm links collide with nothing.
+- Objects placed per episode: free bodies (`<freejoint/>`, set with `set_free_body`) or static
+  bodies marked `mocap="true"` (set with `set_mocap`). Articulated parts use hinge/slide joints.
+- Grasping: list body names in `graspable`; when the closing gripper's grasp region (between the
+  fingertips) touches one of the body's geoms, the body is welded to the hand until the gripper
+  opens (RLBench's attach/release). A body with joints (a drawer) stays on its joints and follows.
+- `waypoints()` is called once per episode after `init_episode`, from privileged state; the expert
+  moves the gripper tip in straight lines between them and sets the gripper after reaching each.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +52,10 @@ class Waypoint:
 
 
 class Task:
-    name: str = ""
+    name: str = ""             # RLBench's task name
+    aliases: tuple[str, ...] = ()   # short gym ids (llarva/<alias>) where natural
     variation_count: int = 1
+    max_episode_steps: int = 120   # LLARVA evaluates 120 steps; longer tasks may ask for more
     graspable: tuple[str, ...] = ()
     xml: str = ""   # MJCF fragment (<worldbody>, <asset>, <equality> ...) appended to the scene
 

@@ -42,6 +42,7 @@ def _dirt(i: int) -> str:
 
 class SweepToDustpanOfSize(Task):
     name = "sweep_to_dustpan_of_size"
+    aliases = ("sweep_to_dustpan",)
     variation_count = 2
     graspable = ("broom",)
     xml = f"""
