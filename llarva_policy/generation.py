@@ -1,22 +1,639 @@
-"""Batched answer generation for LlarvaPolicy.
+"""Batched answer generation for LlarvaPolicy: transformers' `generate`, or a fast path.
 
-`generate_text` is the one entry point `LlarvaPolicy.predict` uses. This first version is
-transformers' greedy `generate`; the fast path (static cache, captured decode step, forced answer
-characters) plugs in behind the same signature.
+`generate_text` is the one entry point `LlarvaPolicy.predict` uses. It has two engines:
+
+* "hf": transformers' greedy `generate` (dynamic KV cache, one Python-driven forward per token).
+* "fast": `FastGenerator`, built for the shape of a LLARVA step, a batch of long multimodal prompts
+  and short answers:
+    1. prefill once, batched: the model's own forward (vision tower, projector, image-token merging,
+       the prompt through the language model), which leaves a KV cache;
+    2. that cache is copied into preallocated K/V tensors of fixed length (a static cache);
+    3. each new token is one decode step of the LANGUAGE MODEL only (`model.model.language_model`
+       + `model.lm_head`), written here with fixed shapes so that on CUDA it is captured once per
+       batch size as a CUDA graph and replayed (on CPU the same code runs eagerly).
+  Greedy tokens are the same as `generate`'s (tests/test_generation.py checks it on batches of
+  left-padded prompts of different lengths).
+
+Constrained decoding (`constrained=True`, either engine): the answer must be
+`The next action step: [n1, n2, ..., n8]</s>` with every number matching `codec.NUMBER_PATTERN`.
+`ActionGrammar` turns that into a token-level automaton over the model's own vocabulary: the
+fixed words are forced as the tokenizer writes them after the prompt (the fast path feeds them
+with the prompt, in the one prefill forward), and at every later step only the tokens that keep
+the text a prefix of a valid answer are allowed, with a budget rule that always leaves room to
+close the answer within `max_new_tokens`. So every answer parses, even from a random model.
+It covers the action answer only; answers with a visual trace are decoded unconstrained.
+
+All decoding here is greedy (LLARVA evaluates greedily).
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from llarva_policy import codec
+
+METHODS = ("auto", "hf", "fast")
 
 
 @torch.inference_mode()
-def generate_text(loaded, inputs, *, max_new_tokens: int = 128, logits_processor=None) -> list[str]:
+def generate_text(loaded, inputs, *, max_new_tokens: int = 128, logits_processor=None, method: str = "auto",
+                  constrained: bool = False, template=codec.TRAINING) -> list[str]:
     """Greedy answers for a left-padded batch of processor outputs (`input_ids`, `attention_mask`,
-    `pixel_values`); returns the decoded new text of each row, special tokens removed."""
+    `pixel_values`); returns the decoded new text of each row, special tokens removed.
+
+    `method`: "hf" (transformers' `generate`), "fast" (`FastGenerator`: static cache, CUDA graphs
+    on CUDA, eager on CPU) or "auto": "fast" on CUDA when the model is supported and no
+    `logits_processor` is given, else "hf" (so CPU behaviour is `generate`'s).
+    `constrained`: force the action answer's form (`ActionGrammar` for `template`); for prompts
+    that ask for an action only, not a visual trace.
+    """
+    method = resolve_method(method, loaded, logits_processor)
+    if method == "fast":
+        new_tokens = fast_generator_for(loaded).generate(
+            inputs, max_new_tokens=max_new_tokens, logits_processor=logits_processor,
+            constrained=constrained, template=template)
+    else:
+        new_tokens = _generate_hf(loaded, inputs, max_new_tokens=max_new_tokens, logits_processor=logits_processor,
+                                  constrained=constrained, template=template)
+    return loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def resolve_method(method: str, loaded, logits_processor=None) -> str:
+    """"hf" or "fast" for `method` (see `generate_text`); "fast" on an unsupported model is an error."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if method == "hf":
+        return method
+    problem = fast_path_problem(loaded.model)
+    if method == "auto":
+        use_fast = problem is None and logits_processor is None and loaded.model.device.type == "cuda"
+        return "fast" if use_fast else "hf"
+    if problem is not None:
+        raise ValueError(f"method='fast' cannot run this model: {problem}; use method='hf'")
+    return method
+
+
+def _generate_hf(loaded, inputs, *, max_new_tokens, logits_processor, constrained, template) -> torch.Tensor:
     tokenizer = loaded.tokenizer
+    logits_processor = _processor_list(logits_processor)
+    if constrained:
+        grammar = action_grammar_for(loaded, template)
+        grammar_processor = ActionLogitsProcessor(grammar, inputs["input_ids"].shape[1], max_new_tokens)
+        logits_processor = LogitsProcessorList([*(logits_processor or []), grammar_processor])
     output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                    logits_processor=logits_processor,
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return output[:, inputs["input_ids"].shape[1]:]
+
+
+def _processor_list(logits_processor) -> LogitsProcessorList | None:
+    """None, one processor, or a list of them -> None or a LogitsProcessorList."""
+    if logits_processor is None or isinstance(logits_processor, LogitsProcessorList):
+        return logits_processor
+    if isinstance(logits_processor, (list, tuple)):
+        return LogitsProcessorList(logits_processor)
+    return LogitsProcessorList([logits_processor])
+
+
+# ---------------------------------------------------------------------------------------------
+# Constrained decoding: the action answer as a token automaton
+# ---------------------------------------------------------------------------------------------
+
+_DIGITS = "0123456789"
+MAX_INTEGER_DIGITS = 3     # |value| < 1000: joint velocities are a few rad/s, the gripper 0 or 1
+
+
+@dataclass
+class ActionGrammar:
+    """`template.action_prefix + "[" + 8 numbers + "]" + EOS` as a table over token ids.
+
+    States 0 .. len(forced_ids)-1 each allow one token (the fixed words, tokenized in context after
+    the prompt); `after_forced` is the state once they are in. `next_state[s, t]` is the state after
+    token t in state s, or -1 where t is not allowed. `tokens_to_finish[s]` is the fewest tokens
+    from s to the end of the answer, EOS included: a token is allowed only if what is left of
+    `max_new_tokens` still covers that, so the answer always closes in time.
+    """
+
+    forced_ids: list[int]
+    next_state: torch.Tensor        # (num_states, vocab) int64, -1 = not allowed
+    tokens_to_finish: torch.Tensor  # (num_states,) int64
+    finished_state: int
+
+    @property
+    def after_forced(self) -> int:
+        return len(self.forced_ids)
+
+    @property
+    def min_new_tokens(self) -> int:
+        """The shortest answer, in tokens: `max_new_tokens` below this cannot hold an answer."""
+        return int(self.tokens_to_finish[0])
+
+    def to(self, device) -> ActionGrammar:
+        return ActionGrammar(self.forced_ids, self.next_state.to(device), self.tokens_to_finish.to(device),
+                             self.finished_state)
+
+    def mask(self, scores: torch.Tensor, states: torch.Tensor, tokens_left: int) -> torch.Tensor:
+        """`scores` (B, vocab) with every token not allowed in `states` (B,) set to -inf.
+        `tokens_left`: how many tokens may still be generated, this one included."""
+        next_states = self.next_state[states]                              # (B, vocab)
+        steps_after = self.tokens_to_finish[next_states.clamp(min=0)]
+        allowed = (next_states >= 0) & (steps_after <= tokens_left - 1)
+        return scores.masked_fill(~allowed[:, :scores.shape[1]], float("-inf"))
+
+    def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.next_state[states, tokens]
+
+
+def build_action_grammar(tokenizer, vocab_size: int, *, template=codec.TRAINING,
+                         max_integer_digits: int = MAX_INTEGER_DIGITS) -> ActionGrammar:
+    """The `ActionGrammar` of `template`'s action answer for this tokenizer and a model whose
+    logits have `vocab_size` columns (at least the tokenizer's size)."""
+    template = codec.get_template(template)
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    if eos_id is None:
+        raise ValueError("constrained decoding needs a tokenizer with an eos_token (the answer ends with it)")
+    prefix = " " + template.action_prefix + "["   # the answer follows "ASSISTANT:" after one space
+
+    # The fixed words, as the tokenizer writes them after a prompt. Only the tokens common to every
+    # way an answer can go on are forced: the last one may merge with what follows ("▁[" + "-" is
+    # written "▁[-" by LLaMA-style tokenizers), and is left to the character automaton below.
+    prompt = codec.build_prompt("x", template=template)     # every prompt ends "... ASSISTANT:"
+    prompt_ids = tokenizer.encode(prompt)
+    variants = [tokenizer.encode(prompt + prefix + first) for first in ("0", "-0", "1.5")]
+    common = []
+    for column in zip(*variants):
+        if len(set(column)) > 1:
+            break
+        common.append(column[0])
+    forced_ids = common[len(prompt_ids):] if common[:len(prompt_ids)] == prompt_ids else []
+    plain = dict(clean_up_tokenization_spaces=False)     # keep " ," and " ." as the tokens write them
+    prompt_text = tokenizer.decode(prompt_ids, **plain)
+    forced_text = tokenizer.decode(prompt_ids + forced_ids, **plain)[len(prompt_text):]
+    if not prefix.startswith(forced_text):   # a tokenizer whose decode does not round-trip: force nothing
+        forced_ids, forced_text = [], ""
+    literal = prefix[len(forced_text):]      # the fixed characters the automaton still has to see
+
+    # What each token adds to the text, read in context (after a digit): decoders drop a leading
+    # space at the start of a text, and "▁-" must read " -".
+    anchor = tokenizer.encode("0", add_special_tokens=False)[-1]
+    anchor_text = tokenizer.decode([anchor], **plain)
+    surfaces = tokenizer.batch_decode([[anchor, t] for t in range(len(tokenizer))], **plain)
+    alphabet = set(literal) | set(_DIGITS + "-., ]")
+    special_ids = set(tokenizer.all_special_ids)
+    candidates = {}
+    for token_id, text in enumerate(surfaces):
+        surface = text[len(anchor_text):] if text.startswith(anchor_text) else None
+        if surface and set(surface) <= alphabet and token_id not in special_ids:
+            candidates[token_id] = surface
+
+    # Character automaton over `literal` and the numbers; states are tuples, numbered below.
+    def after(state, ch):
+        kind, n, k = state
+        if kind == "literal":
+            if ch != literal[k]:
+                return None
+            return ("literal", 0, k + 1) if k + 1 < len(literal) else ("start", 0, 0)
+        if kind == "space":                              # after ",": a space, then the next number
+            return ("start", n, 0) if ch == " " else None
+        if kind == "start":
+            return ("sign", n, 0) if ch == "-" else ("integer", n, 1) if ch in _DIGITS else None
+        if kind == "sign":
+            return ("integer", n, 1) if ch in _DIGITS else None
+        if kind == "integer":                            # k integer digits so far
+            if ch in _DIGITS and k < max_integer_digits:
+                return ("integer", n, k + 1)
+            return ("decimals", n, 0) if ch == "." else None
+        if kind == "decimals":                           # k decimals so far
+            if ch in _DIGITS and k < codec.DECIMALS:
+                return ("decimals", n, k + 1)
+            if k == 0:
+                return None
+            if ch == codec.NUMBER_SEPARATOR[0] and n < codec.ACTION_SIZE - 1:
+                return ("space", n + 1, 0)
+            if ch == codec.ANSWER_CLOSE and n == codec.ACTION_SIZE - 1:
+                return ("done", 0, 0)
+        return None                                      # "done" takes no more characters, only EOS
+
+    def after_token(state, surface):
+        for ch in surface:
+            state = after(state, ch)
+            if state is None:
+                return None
+        return state
+
+    assert codec.NUMBER_SEPARATOR == ", ", "the automaton writes the separator as ',' then ' '"
+    first = ("literal", 0, 0) if literal else ("start", 0, 0)
+    number_of = {first: len(forced_ids)}
+    edges = {}                                           # (state number, token) -> state number
+    frontier = [first]
+    while frontier:
+        state = frontier.pop()
+        for token_id, surface in candidates.items():
+            target = after_token(state, surface)
+            if target is None:
+                continue
+            if target not in number_of:
+                number_of[target] = len(forced_ids) + len(number_of)
+                frontier.append(target)
+            edges[number_of[state], token_id] = number_of[target]
+    if ("done", 0, 0) not in number_of:
+        raise ValueError(f"the tokenizer cannot write an action answer ({prefix.strip()!r} + numbers): "
+                         "no tokens for digits, '.', ', ' or ']'")
+    done = number_of[("done", 0, 0)]
+    finished = len(forced_ids) + len(number_of)
+    edges[done, eos_id] = finished
+    edges[finished, eos_id] = edges[finished, pad_id] = finished   # generate pads rows that have ended
+    for i, token_id in enumerate(forced_ids):
+        edges[i, token_id] = i + 1
+
+    num_states = finished + 1
+    next_state = torch.full((num_states, max(vocab_size, len(tokenizer))), -1, dtype=torch.long)
+    for (state, token_id), target in edges.items():
+        next_state[state, token_id] = target
+    # Fewest tokens to the end: relax along the edges until nothing changes (a small DAG).
+    unreachable = 10**9
+    to_finish = [unreachable] * num_states
+    to_finish[finished] = 0
+    changed = True
+    while changed:
+        changed = False
+        for (state, _), target in edges.items():
+            if state != finished and to_finish[target] + 1 < to_finish[state]:
+                to_finish[state] = to_finish[target] + 1
+                changed = True
+    return ActionGrammar(forced_ids, next_state, torch.tensor(to_finish), finished)
+
+
+def action_grammar_for(loaded, template=codec.TRAINING) -> ActionGrammar:
+    """`build_action_grammar` for a loaded model, built once per template and kept with it."""
+    template = codec.get_template(template)
+    grammars = loaded.__dict__.setdefault("_action_grammars", {})
+    if template.name not in grammars or grammars[template.name][0] != template:
+        grammar = build_action_grammar(loaded.tokenizer, loaded.model.config.text_config.vocab_size,
+                                       template=template).to(loaded.model.device)
+        grammars[template.name] = (template, grammar)
+    return grammars[template.name][1]
+
+
+class ActionLogitsProcessor(LogitsProcessor):
+    """`ActionGrammar` for transformers' `generate` (one instance per call: it keeps the states)."""
+
+    def __init__(self, grammar: ActionGrammar, prompt_length: int, max_new_tokens: int):
+        if max_new_tokens < grammar.min_new_tokens:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is too small for a constrained action answer: "
+                             f"it needs at least {grammar.min_new_tokens} tokens")
+        self.grammar, self.prompt_length, self.max_new_tokens = grammar, prompt_length, max_new_tokens
+        self.states = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids.shape[1] - self.prompt_length
+        if generated == 0:
+            self.states = torch.zeros(len(input_ids), dtype=torch.long, device=scores.device)
+        else:
+            self.states = self.grammar.advance(self.states, input_ids[:, -1])
+        return self.grammar.mask(scores, self.states, self.max_new_tokens - generated)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path
+# ---------------------------------------------------------------------------------------------
+
+def fast_path_problem(model) -> str | None:
+    """Why `FastGenerator` cannot run `model`, or None if it can (a LLaVA over a Llama-style LM)."""
+    language_model = getattr(getattr(model, "model", None), "language_model", None)
+    if language_model is None or not hasattr(model, "lm_head"):
+        return f"{type(model).__name__} has no model.language_model and lm_head (expected a LLaVA model)"
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if not all(hasattr(language_model, name) for name in needed):
+        return f"the language model {type(language_model).__name__} is not Llama-shaped (needs {needed})"
+    layer = language_model.layers[0]
+    parts = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp",
+             "input_layernorm", "post_attention_layernorm")
+    missing = [part for part in parts if not _has_submodule(layer, part)]
+    if missing:
+        return f"the decoder layer {type(layer).__name__} is not Llama-shaped (it has no {missing})"
+    config = language_model.config
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        return f"rope_type {rope_type!r} changes with the sequence length"
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
+        return "sliding-window attention is not supported"
+    return None
+
+
+def _has_submodule(module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def fast_generator_for(loaded) -> FastGenerator:
+    """The `FastGenerator` of a loaded model: one, kept with it, as it holds the static caches and
+    graphs (for 7B, 0.5 MB per cache slot and row: about 8 GB at batch 16 and 1,024 slots).
+    `fast_generator_for(loaded).release()` frees them."""
+    generator = loaded.__dict__.get("_fast_generator")
+    if generator is None:
+        generator = loaded.__dict__["_fast_generator"] = FastGenerator(loaded)
+    return generator
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class _DecodeStep:
+    """Everything one decode step for batch size B reads and writes, at fixed addresses (what a
+    CUDA graph replays), its own static K/V cache included: one whole tensor per layer, which a
+    compiled step updates in place."""
+
+    def __init__(self, batch: int, capacity: int, vocab_size: int, cache_shape: tuple, dtype, device):
+        num_layers, kv_heads, head_dim = cache_shape
+        self.keys = [torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+                     for _ in range(num_layers)]
+        self.values = [torch.zeros_like(keys) for keys in self.keys]
+        self.token_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)      # the token to feed
+        self.slot = torch.zeros((), dtype=torch.long, device=device)               # its cache slot
+        self.pad_count = torch.zeros(batch, dtype=torch.long, device=device)       # left padding per row
+        self.valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # False on padding slots
+        self.logits = torch.zeros(batch, vocab_size, dtype=torch.float32, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+
+class FastGenerator:
+    """Greedy batched decoding with a static KV cache and, on CUDA, a CUDA-graph decode step.
+
+    Cache layout: slot j of row b holds the j-th token of the left-padded input (prompt, then
+    generated tokens), so every row writes its next token to the same slot and one graph serves a
+    batch; padding slots are masked, and each row's rotary position is its slot minus its padding.
+    Each batch size gets its own K/V tensors and graph, kept for later calls; all of them are
+    rebuilt, longer, only when an input no longer fits (lengths are rounded up to 128 slots).
+
+    `use_cuda_graphs=None`: on CUDA devices. `compile=True` also runs the decode step through
+    `torch.compile` (fused kernels) before capture; each new batch size or cache length then
+    compiles again (about a minute for 7B). If capture or compilation fails, the generator goes on
+    eagerly and says why in `fallback_reason` (and a warning).
+
+    A captured graph reads the weights where they were at capture: in-place updates are seen, but
+    after replacing parameter tensors (loading or merging other weights) call `release()`.
+    """
+
+    def __init__(self, loaded, *, use_cuda_graphs: bool | None = None, compile: bool = False):
+        problem = fast_path_problem(loaded.model)
+        if problem is not None:
+            raise ValueError(f"FastGenerator cannot run this model: {problem}")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.language_model = loaded.model.model.language_model
+        self.lm_head = loaded.model.lm_head
+        self.device, self.dtype = loaded.model.device, loaded.model.dtype
+        self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
+        if self.use_cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"use_cuda_graphs=True needs a CUDA model, this one is on {self.device}")
+        self.fallback_reason: str | None = None
+        self._forward = self._decode_forward
+        if compile:
+            self._forward = torch.compile(self._decode_forward, dynamic=False)
+        self.compiled = compile
+        self._capacity = 0                     # cache slots of every step: prompt + new tokens fit
+        self._cos = self._sin = None           # (capacity, head_dim) rotary tables, by position
+        self._slot_ids = None
+        self._steps: dict[int, _DecodeStep] = {}
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
+            else "past_key_values"      # transformers renamed it in 5.x
+
+    @property
+    def mode(self) -> str:
+        """How decode steps run now: "cuda-graph", "cuda-graph+compile", "eager" or "eager+compile"."""
+        return ("cuda-graph" if self.use_cuda_graphs else "eager") + ("+compile" if self.compiled else "")
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def release(self) -> None:
+        """Free the static caches and the graphs (they are rebuilt on the next `generate`)."""
+        self._steps.clear()
+        self._capacity = 0
+        self._cos = self._sin = self._slot_ids = None
+
+    # --- generation --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, inputs, *, max_new_tokens: int = 128, constrained: bool = False, template=codec.TRAINING,
+                 logits_processor=None, ignore_eos: bool = False) -> torch.Tensor:
+        """The new tokens of each row, (B, n <= max_new_tokens), padded after EOS: `generate`'s
+        output without the prompt. `ignore_eos`: never stop (benchmarks of fixed-length answers).
+        `logits_processor` (transformers' processors) runs eagerly on each step's logits."""
+        input_ids = inputs["input_ids"].to(self.device)
+        attention_mask = inputs.get("attention_mask")
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        _check_left_padded(attention_mask)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+        extra = {key: value.to(self.device, self.dtype if value.is_floating_point() else value.dtype)
+                 for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+        logits_processor = _processor_list(logits_processor)
+        tokenizer = self.loaded.tokenizer
+        eos_id = tokenizer.eos_token_id
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+        batch = input_ids.shape[0]
+
+        forced = torch.empty(batch, 0, dtype=torch.long, device=self.device)
+        grammar = states = None
+        if constrained:
+            grammar = action_grammar_for(self.loaded, template)
+            if max_new_tokens < grammar.min_new_tokens:
+                raise ValueError(f"max_new_tokens={max_new_tokens} is too small for a constrained action answer: "
+                                 f"it needs at least {grammar.min_new_tokens} tokens")
+            # The fixed words go in with the prompt: one forward for all of them.
+            forced = torch.tensor(grammar.forced_ids, dtype=torch.long, device=self.device).expand(batch, -1)
+            input_ids = torch.cat([input_ids, forced], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(forced)], dim=1)
+            states = torch.full((batch,), grammar.after_forced, dtype=torch.long, device=self.device)
+        prompt_length = input_ids.shape[1]
+        to_generate = max_new_tokens - forced.shape[1]
+
+        step = self._prepare(batch, prompt_length + to_generate)
+        logits, cache = self._prefill(input_ids, attention_mask, extra)
+        for layer in range(len(self.language_model.layers)):
+            keys, values = _cache_layer(cache, layer)
+            step.keys[layer][:, :, :prompt_length].copy_(keys)
+            step.values[layer][:, :, :prompt_length].copy_(values)
+        del cache
+        step.valid[:, :prompt_length].copy_(attention_mask.bool())
+        step.valid[:, prompt_length:] = True
+        step.pad_count.copy_((attention_mask == 0).sum(dim=1))
+        step.slot.fill_(prompt_length)
+
+        tokens = torch.full((batch, to_generate), pad_id, dtype=torch.long, device=self.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        for t in range(to_generate):
+            scores = logits
+            if logits_processor is not None:
+                scores = logits_processor(torch.cat([input_ids, tokens[:, :t]], dim=1), scores)
+            if ignore_eos:
+                scores = scores.clone()
+                scores[:, eos_id] = float("-inf")
+            if grammar is not None:
+                scores = grammar.mask(scores, states, to_generate - t)
+            next_tokens = torch.where(finished, pad_id, scores.argmax(dim=-1))
+            tokens[:, t] = next_tokens
+            if grammar is not None:
+                states = grammar.advance(states, next_tokens)
+            if not ignore_eos:
+                finished |= next_tokens == eos_id
+            if t == to_generate - 1 or (not ignore_eos and bool(finished.all())):   # the one sync per step
+                tokens = tokens[:, :t + 1]
+                break
+            step.token_ids.copy_(next_tokens[:, None])
+            self._run(step)
+            step.slot.add_(1)
+            logits = step.logits
+        return torch.cat([forced, tokens], dim=1)
+
+    def _prefill(self, input_ids, attention_mask, extra):
+        """The model's own forward over the whole prompt: (last logits (B, vocab) float32, KV cache)."""
+        # Positions as `generate` makes them: padding does not count.
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        cache = DynamicCache(config=self.model.config)
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}, **extra)
+        return output.logits[:, -1].float(), cache
+
+    # --- static cache and the decode step --------------------------------------------------------
+
+    def _prepare(self, batch: int, length: int) -> _DecodeStep:
+        """The decode step for `batch` rows, its cache at least `length` slots long."""
+        if length > self._capacity:
+            self._set_capacity(_round_up(length, 128))
+        step = self._steps.get(batch)
+        if step is None:
+            attention = self.language_model.layers[0].self_attn
+            cache_shape = (len(self.language_model.layers), attention.k_proj.out_features // attention.head_dim,
+                           attention.head_dim)
+            step = self._steps[batch] = _DecodeStep(batch, self._capacity, self.lm_head.weight.shape[0], cache_shape,
+                                                    self.dtype, self.device)
+            if self.use_cuda_graphs:
+                self._capture(step)
+            elif self.compiled:
+                self._run(step)      # compile now, not inside the first timed step
+        return step
+
+    def _set_capacity(self, capacity: int) -> None:
+        self._steps.clear()          # free the old caches (and the graphs that point into them) first
+        self._capacity = capacity
+        # cos/sin for every position, from the model's own rotary module (same values as its forward).
+        positions = torch.arange(capacity, device=self.device)[None]
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.language_model.rotary_emb(probe, positions)
+        self._cos, self._sin = cos[0], sin[0]
+        self._slot_ids = torch.arange(capacity, device=self.device)
+
+    def _decode_forward(self, step: _DecodeStep) -> None:
+        """One token per row through the language model, its K/V into the static cache, the
+        logits into `step.logits`. Fixed shapes and no host synchronisation: graph-capturable."""
+        batch = step.token_ids.shape[0]
+        slot = step.slot.view(1)
+        positions = step.slot - step.pad_count                          # (B,)
+        cos = self._cos[positions][:, None, None, :]                    # (B, 1, 1, head_dim)
+        sin = self._sin[positions][:, None, None, :]
+        visible = step.valid & (self._slot_ids <= step.slot)            # (B, capacity)
+        mask = visible[:, None, None, :]
+        hidden = self.language_model.embed_tokens(step.token_ids)      # (B, 1, hidden)
+        for index, layer in enumerate(self.language_model.layers):
+            attention = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            head_dim = attention.head_dim
+            q = attention.q_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
+            k = attention.k_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
+            v = attention.v_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = step.keys[index], step.values[index]
+            keys.index_copy_(2, slot, k)
+            values.index_copy_(2, slot, v)
+            groups = q.shape[1] // keys.shape[1]
+            if groups > 1:
+                keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attention.scaling)
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        step.logits.copy_(self.lm_head(self.language_model.norm(hidden))[:, 0])
+
+    def _run(self, step: _DecodeStep) -> None:
+        if step.graph is not None:
+            step.graph.replay()
+            return
+        try:
+            self._forward(step)
+        except Exception as err:
+            if not self.compiled:
+                raise
+            self._give_up_compile(err)
+            self._decode_forward(step)
+
+    def _capture(self, step: _DecodeStep) -> None:
+        """Record `step`'s decode forward as a CUDA graph; on failure, run eagerly from now on.
+
+        Runs before the prefill fills the cache: the warm-up writes junk K/V into slot `step.slot`,
+        which a later write overwrites before any mask lets it be read.
+        """
+        try:
+            # Warm up on a side stream (cuBLAS handles, lazy inits, compilation), as PyTorch's docs ask.
+            stream = torch.cuda.Stream(device=self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._run(step)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._forward(step)
+            step.graph = graph
+        except Exception as err:   # report, then keep going without graphs
+            try:
+                torch.cuda.synchronize(self.device)
+            except Exception:      # noqa: BLE001 - the capture error is the one worth reporting
+                pass
+            self.use_cuda_graphs = False
+            for other in self._steps.values():
+                other.graph = None
+            self.fallback_reason = f"CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly"
+            warnings.warn(self.fallback_reason, RuntimeWarning, stacklevel=3)
+
+    def _give_up_compile(self, err: Exception) -> None:
+        self.compiled = False
+        self._forward = self._decode_forward
+        self.fallback_reason = f"torch.compile of the decode step failed ({type(err).__name__}: {err}); " \
+                               "running it uncompiled"
+        warnings.warn(self.fallback_reason, RuntimeWarning, stacklevel=3)
+
+
+def _cache_layer(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of one layer of a transformers cache, (B, kv_heads, length, head_dim)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]      # transformers before the layers API
+
+
+def _check_left_padded(attention_mask: torch.Tensor) -> None:
+    # Rows must be [0 ... 0, 1 ... 1]: new tokens go on the right, so padding must be on the left.
+    mask = attention_mask.long()
+    if not (bool((mask[:, -1] == 1).all()) and bool((mask.diff(dim=1) >= 0).all())):
+        raise ValueError("attention_mask: expected left padding (each row zeros then ones, ending in a 1); "
+                         "set processor.tokenizer.padding_side = 'left' before building the batch")
