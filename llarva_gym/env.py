@@ -57,6 +57,7 @@ class RLBenchEnv(gym.Env):
         self.fixed_variation = variation
         self.render_mode, self.render_size = render_mode, tuple(render_size)
         self.backend = make_backend(backend, task, self.obs_config, self.action_mode)
+        self.variation_count = self.backend.variation_count   # real RLBench's own count wins
 
         self.observation_space = self._make_observation_space()
         self.action_space = action_space(self.action_mode)
@@ -90,6 +91,8 @@ class RLBenchEnv(gym.Env):
         super().reset(seed=seed)
         options = dict(options or {})
         demo = options.pop("demo", None)
+        if demo is not None and not _is_embedded_demo(demo) and hasattr(self.backend, "reset_to_demo"):
+            return self._reset_to_recorded_demo(demo, options)
         if demo is not None:
             options.update(_demo_start(demo))
         unknown = set(options) - {"variation", "episode_seed"}
@@ -107,6 +110,20 @@ class RLBenchEnv(gym.Env):
         self.variation, self.episode_seed = int(variation), int(episode_seed)
         self.descriptions = self.backend.reset(self.variation, np.random.default_rng(self.episode_seed))
         self.task_description = self.descriptions[0]   # LLARVA trains and evaluates on the first
+        self._expert = None
+        return self._observation(), self._info(success=False)
+
+    def _reset_to_recorded_demo(self, demo, options):
+        """A demo real RLBench recorded: its backend (backend='rlbench') restores the demo's own start."""
+        if options:
+            raise ValueError(f"options: {sorted(options)} cannot be combined with a demo recorded by real "
+                             "RLBench; the demo fixes its own variation and layout")
+        variation = _demo_variation(demo)
+        if not 0 <= variation < self.variation_count:
+            raise ValueError(f"options['demo']: variation {variation} is not in [0, {self.variation_count - 1}]")
+        self.variation, self.episode_seed = variation, None
+        self.descriptions = self.backend.reset_to_demo(demo, variation)
+        self.task_description = self.descriptions[0]
         self._expert = None
         return self._observation(), self._info(success=False)
 
@@ -150,6 +167,22 @@ class RLBenchEnv(gym.Env):
         if self._expert is None:
             self._expert = WaypointFollower(self.backend)
         return self._expert.next_action(self.action_mode)
+
+
+def _is_embedded_demo(demo) -> bool:
+    start = getattr(demo, "random_seed", None)
+    return isinstance(start, dict) and "episode_seed" in start
+
+
+def _demo_variation(demo) -> int:
+    """The variation of a demo: `variation_number` (load_demo's), else RLBench's misc['variation_index']."""
+    if getattr(demo, "variation_number", None) is not None:
+        return int(demo.variation_number)
+    misc = (getattr(demo[0], "misc", None) or {}) if len(demo) else {}
+    if "variation_index" not in misc:
+        raise ValueError("options['demo']: the demo's variation is unknown (no variation_number, no "
+                         "misc['variation_index'] in its first observation); read it with load_demo")
+    return int(misc["variation_index"])
 
 
 def _demo_start(demo) -> dict[str, int]:
