@@ -483,7 +483,10 @@ def _load_transformers_layout(path: Path, device: torch.device, dtype: torch.dty
     try:
         # The PIL backend whether or not torchvision is installed (see the import of LlavaImageProcessorPil).
         image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
-        processor = LlavaProcessor.from_pretrained(path, image_processor=image_processor)
+        # The tokenizer passed in too: otherwise from_pretrained hands image_processor to the tokenizer's
+        # init_kwargs, and processor.save_pretrained then fails ("LlavaImageProcessorPil is not JSON serializable").
+        processor = LlavaProcessor.from_pretrained(path, image_processor=image_processor,
+                                                   tokenizer=AutoTokenizer.from_pretrained(path))
     except (OSError, ValueError, TypeError) as err:
         raise CheckpointError(
             f"could not load the processor from {path} ({err}); a transformers LLaVA checkpoint needs "

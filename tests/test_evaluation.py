@@ -1,0 +1,178 @@
+"""evaluate(): the scripted expert, resume after a kill, videos, demo starts, and a tiny LlarvaPolicy."""
+
+import json
+import subprocess
+import sys
+
+import gymnasium as gym
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+import llarva_gym  # noqa: F401
+from llarva_gym import ScriptedExpert
+from llarva_gym.demos import Demo, episode_path, load_demo, save_demo
+from llarva_gym.evaluation import _video_frame, episode_reset_seed, evaluate, print_summary
+
+RECORD_KEYS = {"index", "reset_seed", "episode_seed", "variation", "instruction", "success", "steps", "seconds",
+               "parse_errors"}
+
+
+class StandStill:
+    """A policy that holds position; remembers every episode's first observation and counts calls."""
+
+    name = "stand-still"
+
+    def __init__(self, fail_at_call=None):
+        self.calls, self.fail_at_call = 0, fail_at_call
+        self.first_observations = []
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=True):
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise KeyboardInterrupt("simulated kill")
+        for i in np.flatnonzero(episode_start):
+            self.first_observations.append({key: value[i] for key, value in observation.items()})
+        actions = np.zeros((len(episode_start), 8), dtype=np.float32)
+        actions[:, 7] = 1.0
+        return actions, state
+
+
+def test_expert_succeeds_with_per_episode_records(tmp_path, capsys):
+    results = evaluate("expert", "reach_target", episodes=3, episode_length=60, results_path=tmp_path / "r.json",
+                       progress=False)
+    assert results["summary"] == {"episodes": 3, "successes": 3, "success_rate": 1.0,
+                                  "mean_steps": pytest.approx(np.mean([r["steps"] for r in results["episodes"]]))}
+    assert [r["index"] for r in results["episodes"]] == [0, 1, 2]
+    for record in results["episodes"]:
+        assert RECORD_KEYS <= set(record) and record["success"] and 0 < record["steps"] < 60
+        assert record["reset_seed"] == episode_reset_seed(0, record["index"])
+        assert record["instruction"].startswith("reach the")
+    assert (results["task"], results["policy"]) == ("reach_target", "expert")
+    assert json.loads((tmp_path / "r.json").read_text()) == results
+    print_summary(results)
+    assert "3/3 succeeded (100.0%)" in capsys.readouterr().out
+
+
+def test_same_episodes_with_any_number_of_envs(tmp_path):
+    one = evaluate(StandStill(), "reach_target", episodes=3, episode_length=2, num_envs=1, progress=False)
+    two = evaluate(StandStill(), "reach_target", episodes=3, episode_length=2, num_envs=2, progress=False)
+    fields = ("index", "reset_seed", "episode_seed", "variation", "instruction", "steps")
+    assert [[r[f] for f in fields] for r in one["episodes"]] == [[r[f] for f in fields] for r in two["episodes"]]
+    assert len({r["episode_seed"] for r in one["episodes"]}) == 3
+
+
+def test_rerun_resumes_after_a_kill_without_redoing_episodes(tmp_path):
+    path = tmp_path / "results.json"
+    killed = StandStill(fail_at_call=5)          # episode_length 3: calls 1-3 are episode 0, the kill is in episode 1
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(killed, "reach_target", episodes=3, episode_length=3, results_path=path, progress=False)
+    saved = json.loads(path.read_text())
+    assert [r["index"] for r in saved["episodes"]] == [0]
+    (tmp_path / ".results.json.tmp-999").write_text('{"episodes": [{"ind')     # a write cut off by the kill
+
+    rerun = StandStill()
+    results = evaluate(rerun, "reach_target", episodes=3, episode_length=3, results_path=path, progress=False)
+    assert len(rerun.first_observations) == 2 and rerun.calls == 6            # episodes 1 and 2 only
+    assert [r["index"] for r in results["episodes"]] == [0, 1, 2]
+    assert results["episodes"][0] == saved["episodes"][0]
+    assert json.loads(path.read_text()) == results
+
+    again = StandStill()
+    assert evaluate(again, "reach_target", episodes=3, episode_length=3, results_path=path, progress=False) == results
+    assert again.calls == 0
+    with pytest.raises(ValueError, match="another run.*seed: 0 there, 1 now"):
+        evaluate(StandStill(), "reach_target", episodes=3, episode_length=3, results_path=path, seed=1, progress=False)
+
+
+def test_videos_have_one_frame_per_step_plus_the_first(tmp_path):
+    results = evaluate("expert", "reach_target", episodes=2, episode_length=40, num_envs=2, video_dir=tmp_path / "v",
+                       progress=False)
+    for record in results["episodes"]:
+        frames = imageio.mimread(record["video"], memtest=False)
+        assert len(frames) == record["steps"] + 1
+        assert frames[0].shape == (256, 256, 3)
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["episode000.mp4", "episode001.mp4"]
+
+
+def test_video_frames_show_the_visual_trace_scaled_to_the_render():
+    frame = np.full((256, 256, 3), 128, dtype=np.uint8)
+    observation_image = np.zeros((128, 128, 3), dtype=np.uint8)
+    plain = _video_frame(frame, "reach the red target")
+    traced = _video_frame(frame, "reach the red target", np.array([[40, 60], [100, 100]]), observation_image)
+    assert (plain[:14] != frame[:14]).any()                   # the instruction band
+    assert (traced[121, 81] != frame[121, 81]).any()          # trace point (40, 60) at 2x scale
+    assert (traced[201, 201] != frame[201, 201]).any()        # trace point (100, 100)
+    assert (plain[121, 81] == frame[121, 81]).all()
+
+
+def record_expert_demos(root, count, steps=3):
+    """Short scripted-expert episodes in RLBench's layout, with the embedded simulator's start state."""
+    env = gym.make("llarva/reach_target")
+    expert = ScriptedExpert(env)
+    for index in range(count):
+        obs, info = env.reset(seed=100 + index)
+        demo = Demo([env.unwrapped.rlbench_observation()],
+                    random_seed={"episode_seed": info["episode_seed"], "variation": info["variation"]})
+        for _ in range(steps):
+            obs, *_ = env.step(expert.predict(obs)[0])
+            demo._observations.append(env.unwrapped.rlbench_observation())
+        save_demo(demo, episode_path(root, "reach_target", index), variation_number=info["variation"],
+                  descriptions=info["descriptions"])
+    env.close()
+
+
+def test_episodes_start_from_stored_demos(tmp_path):
+    record_expert_demos(tmp_path / "demos", 2)
+    policy = StandStill()
+    results = evaluate(policy, "reach_target", episodes=2, episode_length=2, num_envs=2, demos=tmp_path / "demos",
+                       progress=False)
+    by_index = {r["index"]: r for r in results["episodes"]}
+    assert len(policy.first_observations) == 2          # env i ran episode i, both from the first step
+    for index in (0, 1):
+        record = by_index[index]
+        demo = load_demo(record["demo"])
+        assert record["demo"].endswith(f"episode{index}")
+        assert record["variation"] == demo.variation_number and record["instruction"] == demo.variation_descriptions[0]
+        first = policy.first_observations[index]
+        assert first["instruction"] == record["instruction"]
+        np.testing.assert_array_equal(first["front_rgb"], demo[0].front_rgb)
+        np.testing.assert_allclose(first["joint_positions"], demo[0].joint_positions, atol=1e-6)
+    assert not np.array_equal(policy.first_observations[0]["front_rgb"], policy.first_observations[1]["front_rgb"])
+    with pytest.raises(ValueError, match="holds 2 reach_target episode"):
+        evaluate(StandStill(), "reach_target", episodes=3, demos=tmp_path / "demos", progress=False)
+
+
+def test_tiny_llarva_policy_runs_to_completion(tmp_path):
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)    # a tiny model is faster on one thread; OpenMP threads spin on a shared machine
+    try:
+        run_tiny_llarva_policy(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_tiny_llarva_policy(tmp_path):
+    from llarva_policy import LlarvaPolicy
+    from llarva_policy.model import make_random_llava
+    policy = LlarvaPolicy.from_pretrained(make_random_llava(tmp_path / "tiny"), device="cpu", on_parse_error="hold",
+                                          max_new_tokens=6)
+    results = evaluate(policy, "reach_target", episodes=2, episode_length=3, num_envs=2, results_path=tmp_path / "r.json",
+                       video_dir=tmp_path / "v", progress=False)
+    assert results["policy"] == f"llarva:{(tmp_path / 'tiny').name}"
+    assert [(r["steps"], r["success"], r["parse_errors"]) for r in results["episodes"]] == [(3, False, 3)] * 2
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate("expert", "no_such_task", episodes=1)
+    with pytest.raises(ValueError, match="policy"):
+        evaluate("random", "reach_target", episodes=1)
+    with pytest.raises(ValueError, match="episodes"):
+        evaluate("expert", "reach_target", episodes=-1)
+
+
+def test_module_does_not_import_torch():
+    code = "import sys, llarva_gym.evaluation; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
