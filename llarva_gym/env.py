@@ -192,4 +192,8 @@ def _demo_start(demo) -> dict[str, int]:
         raise ValueError("options['demo']: this demo has no embedded-simulator start state "
                          "(random_seed must be a dict with 'episode_seed' and 'variation'; demos "
                          "recorded by real RLBench reset only with backend='rlbench')")
-    return {"episode_seed": int(start["episode_seed"]), "variation": int(start.get("variation", demo.variation_number))}
+    variation = start.get("variation", getattr(demo, "variation_number", None))
+    if variation is None:
+        raise ValueError("options['demo']: the demo's start state has no 'variation' and the demo no "
+                         "variation_number; expected random_seed={'episode_seed': int, 'variation': int}")
+    return {"episode_seed": int(start["episode_seed"]), "variation": int(variation)}

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from llarva_gym.demos import Demo, episode_dirs, episode_path, episodes_dir, next_episode_index, save_demo
 from llarva_gym.expert import ScriptedExpert
 from llarva_gym.observation import ObservationConfig
-from llarva_gym.registration import MAX_EPISODE_STEPS, TASKS, resolve_task
+from llarva_gym.registration import TASKS, resolve_task
 
 EPISODE_INFO = "llarva_episode.json"   # how an episode was recorded; read on resume
 # Hidden folders an interrupted run may leave in the episodes folder: our staging folders
@@ -96,15 +96,17 @@ def record_episode(env, expert, reset_seed: int) -> tuple[Demo, dict]:
     """Run the expert for one episode from `env.reset(seed=reset_seed)`, keeping RLBench's record of
     every step: the observation right after reset, then one after each step (the last included).
     Returns the Demo and the final step's info (`success` says whether to keep it)."""
-    obs, info = env.reset(seed=reset_seed)
-    demo = Demo([env.unwrapped.rlbench_observation()],
-                random_seed={"episode_seed": info["episode_seed"], "variation": info["variation"]})
-    demo.variation_number, demo.variation_descriptions = info["variation"], list(info["descriptions"])
+    obs, start = env.reset(seed=reset_seed)
+    observations = [env.unwrapped.rlbench_observation()]
     terminated = truncated = False
+    info = start
     while not (terminated or truncated):
         action, _ = expert.predict(obs)
         obs, _, terminated, truncated, info = env.step(action)
-        demo._observations.append(env.unwrapped.rlbench_observation())
+        observations.append(env.unwrapped.rlbench_observation())
+    # What env.reset(options={"demo": demo}) reads to rebuild this episode's start.
+    demo = Demo(observations, random_seed={"episode_seed": start["episode_seed"], "variation": start["variation"]})
+    demo.variation_number, demo.variation_descriptions = start["variation"], list(start["descriptions"])
     return demo, info
 
 
@@ -139,7 +141,9 @@ def _settings(task, cameras, image_size, depth, variation, seed, max_episode_ste
                          f"[0, {TASKS[task] - 1}] for {task}, got {variation!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
-    if not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1:
+    if max_episode_steps is None:   # the task's own limit, as registered for its gym id
+        max_episode_steps = gym.spec(f"llarva/{task}").max_episode_steps
+    if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1:
         raise ValueError(f"max_episode_steps: expected a positive int, got {max_episode_steps!r}")
     return {"task": task, "seed": int(seed), "cameras": list(config.cameras), "image_size": list(config.image_size),
             "depth": bool(depth), "variation": None if variation is None else int(variation),
@@ -179,15 +183,15 @@ def _first_attempt(existing: list[Path], settings: dict) -> int:
 
 def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("front",), depth: bool = False,
                  processes: int = 1, variation: int | None = None, seed: int = 0, progress: bool = True,
-                 max_episode_steps: int = MAX_EPISODE_STEPS, max_attempts: int | None = None) -> dict:
+                 max_episode_steps: int | None = None, max_attempts: int | None = None) -> dict:
     """Record scripted-expert episodes of `task` until `<out>/<task>/all_variations/episodes` holds
     `episodes` of them (RLBench's layout, `task` resolved to RLBench's name); returns a summary.
 
     `cameras` (names, or "front,wrist"), `image_size` and `depth` choose the images stored;
     `variation` fixes one variation (default: one drawn per episode from its seed). Episodes are
     a function of (task, seed, options) alone, whatever `processes` is and however often the run
-    was interrupted and resumed. An episode must succeed within `max_episode_steps` steps (the
-    evaluation's limit by default); failed attempts are discarded. `max_attempts` caps the
+    was interrupted and resumed. An episode must succeed within `max_episode_steps` steps (default:
+    the task's registered limit, the evaluation's); failed attempts are discarded. `max_attempts` caps the
     attempts of this call (default: twice the episodes still missing, plus 10); reaching it
     warns and returns with `complete` False.
 

@@ -32,8 +32,8 @@ def make_vec(env_id: str, num_envs: int, *, asynchronous: bool = True,
              autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **kwargs):
     """A vector env for demos and evaluation: subprocess workers, same-step autoreset (as LeRobot,
     Meta-World and ManiSkill evaluate), and no shared memory, which cannot carry a Text space.
-    Workers start from a fork server: forking a process whose renderer already made an OpenGL
-    context (and its driver threads) can deadlock the child. `autoreset_mode=DISABLED` is for
+    Workers are forked, which is safe because the software renderer runs without helper threads
+    (LP_NUM_THREADS=0, see backends/mujoco/__init__.py). `autoreset_mode=DISABLED` is for
     callers that reset each finished sub-env themselves (evaluation: per-episode reset options)."""
     if num_envs == 1 or not asynchronous:
         return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **kwargs,

@@ -26,8 +26,10 @@ class MujocoBackend:
         self.substeps = round(CONTROL_PERIOD / self.model.opt.timestep)
         self.variation_count = task_class.variation_count
         self._viewer_renderers: dict[tuple[int, int], mujoco.Renderer] = {}
+        self._images: dict[str, np.ndarray] | None = None   # the current step's frames, once rendered
 
     def reset(self, variation: int, rng: np.random.Generator) -> list[str]:
+        self._images = None
         mujoco.mj_resetData(self.model, self.data)
         self.panda.reset()
         self.task.init_episode(variation, rng)
@@ -41,6 +43,7 @@ class MujocoBackend:
 
     def apply_action(self, action: np.ndarray) -> str | None:
         """Run one control period. Returns why the action was refused, or None."""
+        self._images = None
         current = self.panda.joint_positions
         if self.action_mode == "joint_velocity":
             target = np.clip(current + action[:7] * CONTROL_PERIOD, JOINT_LOWER, JOINT_UPPER)
@@ -58,19 +61,23 @@ class MujocoBackend:
         return self.task.success()
 
     def observation(self) -> dict[str, np.ndarray]:
-        obs = self.cameras.render(self.data)
+        obs = dict(self._render())
         obs["joint_positions"] = self.panda.joint_positions.astype(np.float32)
         obs["joint_velocities"] = self.panda.joint_velocities.astype(np.float32)
         obs["gripper_open"] = np.array([self.panda.gripper_open], dtype=np.float32)
         obs["gripper_pose"] = self.panda.gripper_pose().astype(np.float32)
         return obs
 
-    def rlbench_observation(self, images: dict[str, np.ndarray] | None = None) -> Observation:
+    def _render(self) -> dict[str, np.ndarray]:
+        if self._images is None:
+            self._images = self.cameras.render(self.data)
+        return self._images
+
+    def rlbench_observation(self) -> Observation:
         """The full RLBench record of the current step (for demos), in float64 as RLBench's."""
         panda = self.panda
-        images = self.cameras.render(self.data) if images is None else images
         return Observation(
-            **images,
+            **self._render(),
             joint_velocities=panda.joint_velocities.copy(),
             joint_positions=panda.joint_positions,
             joint_forces=np.zeros(7),

@@ -1,0 +1,204 @@
+"""Recording scripted-expert demos (real MuJoCo): RLBench's layout read back, replay of the recorded
+joint velocities from the stored start state, reproducibility (runs, processes), resume after an
+interruption or a hard kill, and the `llarva demos` command."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import llarva_gym  # noqa: F401  (registers the llarva/ ids)
+from llarva_gym import recording
+from llarva_gym.demos import episode_dirs, episodes_dir, load_demo, record_demos
+from llarva_policy import cli
+
+SIZE = 64
+CAMERAS = ("front", "wrist")
+EPISODE_FILES = {"front_rgb", "front_depth", "wrist_rgb", "wrist_depth", "low_dim_obs.pkl",
+                 "variation_descriptions.pkl", "variation_number.pkl", recording.EPISODE_INFO}
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root (hidden ones included), by relative path: equal snapshots mean
+    byte-identical datasets (pickles, PNGs, JSON) and no leftovers in one of them."""
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def episode_info(root, task) -> list[dict]:
+    return [json.loads((d / recording.EPISODE_INFO).read_text()) for d in episode_dirs(root, task)]
+
+
+@pytest.mark.parametrize("task", ["reach_target", "sweep_to_dustpan_of_size"])
+def test_recorded_episodes_read_back_and_replay_to_success(tmp_path, task):
+    summary = record_demos(task, 2, tmp_path, image_size=SIZE, cameras=CAMERAS, depth=True, seed=0, progress=False)
+    assert summary["episodes_written"] == 2 and summary["complete"] and summary["attempts"] >= 2
+    assert summary["demos_per_minute"] > 0
+
+    dirs = episode_dirs(tmp_path, task)
+    assert [d.name for d in dirs] == ["episode0", "episode1"]
+    assert dirs[0].parent == tmp_path / task / "all_variations" / "episodes"
+    assert [p.name for p in dirs[0].parent.iterdir() if p.name.startswith(".")] == []   # no leftovers
+
+    env = gym.make(f"llarva/{task}", cameras=CAMERAS, image_size=SIZE, depth=True)
+    try:
+        for episode_dir in dirs:
+            assert {p.name for p in episode_dir.iterdir()} == EPISODE_FILES
+            demo = load_demo(episode_dir, cameras=CAMERAS, image_kinds=("rgb", "depth"))
+            steps = len(demo)
+            assert 10 < steps <= gym.spec(f"llarva/{task}").max_episode_steps + 1   # reset, then one per step
+            for camera in CAMERAS:
+                assert sorted(p.name for p in (episode_dir / f"{camera}_rgb").iterdir()) == sorted(f"{i}.png" for i in range(steps))
+            for obs in demo:
+                assert obs.front_rgb.shape == obs.wrist_rgb.shape == (SIZE, SIZE, 3)
+                assert obs.front_rgb.dtype == np.uint8
+                assert obs.front_depth.shape == obs.wrist_depth.shape == (SIZE, SIZE)
+                assert obs.front_depth.dtype == np.float32
+                assert obs.joint_positions.shape == obs.joint_velocities.shape == (7,)
+                assert obs.gripper_open in (0.0, 1.0)
+                assert {"front_camera_extrinsics", "wrist_camera_intrinsics"} <= set(obs.misc)
+            assert 0.1 < float(np.median(demo[0].front_depth)) < 3.0   # metres: the table, seen from the front
+            record = json.loads((episode_dir / recording.EPISODE_INFO).read_text())
+            assert demo.random_seed == {"episode_seed": record["episode_seed"], "variation": demo.variation_number}
+            assert record["variation_number"] == demo.variation_number and record["steps"] == steps - 1
+
+            # The stored start state rebuilds the episode: same variation, descriptions, first observation.
+            obs, info = env.reset(options={"demo": demo})
+            assert info["variation"] == demo.variation_number
+            assert info["descriptions"] == demo.variation_descriptions
+            assert obs["instruction"] in demo.variation_descriptions
+            np.testing.assert_array_equal(obs["joint_positions"], demo[0].joint_positions.astype(np.float32))
+            np.testing.assert_array_equal(obs["front_rgb"], demo[0].front_rgb)
+            np.testing.assert_array_equal(obs["wrist_rgb"], demo[0].wrist_rgb)
+            np.testing.assert_allclose(obs["front_depth"], demo[0].front_depth, atol=1e-5)
+
+            # LLARVA's labels: the action at step t is obs t+1's joint velocities and gripper state.
+            for t in range(steps - 1):
+                action = np.r_[demo[t + 1].joint_velocities, demo[t + 1].gripper_open]
+                obs, reward, terminated, truncated, info = env.step(action)
+                if terminated:
+                    break
+            assert info["success"] and t == steps - 2, f"replay of {episode_dir.name} ended at step {t + 1} of {steps - 1}"
+            np.testing.assert_allclose(obs["joint_positions"], demo[t + 1].joint_positions, atol=1e-4)
+    finally:
+        env.close()
+
+
+def test_same_seed_same_episodes_in_any_number_of_processes(tmp_path):
+    options = dict(image_size=32, cameras=("front",), seed=3, progress=False)
+    runs = {}
+    for name, processes, seed in [("a", 1, 3), ("b", 1, 3), ("two_processes", 2, 3), ("other_seed", 1, 4)]:
+        record_demos("reach_target", 2, tmp_path / name, **{**options, "seed": seed}, processes=processes)
+        runs[name] = snapshot(tmp_path / name)
+    assert len(runs["a"]) > 2 * 20 and runs["a"] == runs["b"]
+    assert runs["two_processes"] == runs["a"]
+    low_dim = "reach_target/all_variations/episodes/episode0/low_dim_obs.pkl"
+    assert runs["other_seed"][low_dim] != runs["a"][low_dim]   # another seed: other episodes
+    # Variations are drawn per episode from its seed; a fixed one is honoured.
+    record_demos("reach_target", 1, tmp_path / "fixed", image_size=32, variation=5, progress=False)
+    assert load_demo(episode_dirs(tmp_path / "fixed", "reach_target")[0], load_images=False).variation_number == 5
+
+
+def _fail_attempt_zero(real_run_attempt, interrupt_at=None):
+    """_run_attempt with attempt 0 failing (so attempt indices and episode numbers differ) and,
+    optionally, Ctrl-C while recording attempt `interrupt_at`."""
+    def run_attempt(index):
+        if index == 0:
+            return recording.Attempt(index, recording.attempt_seed(0, 0), 0, False, "injected failure")
+        if index == interrupt_at:
+            raise KeyboardInterrupt
+        return real_run_attempt(index)
+    return run_attempt
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_episodes(tmp_path, monkeypatch):
+    task, options = "reach_target", dict(image_size=32, cameras=("front",), seed=0, progress=False)
+    real = recording._run_attempt
+    monkeypatch.setattr(recording, "_run_attempt", _fail_attempt_zero(real))
+    summary = record_demos(task, 3, tmp_path / "whole", **options)
+    assert summary["failures"] == [{"attempt": 0, "reason": "injected failure"}] and summary["attempts"] == 4
+    assert [r["attempt"] for r in episode_info(tmp_path / "whole", task)] == [1, 2, 3]
+
+    # Interrupted after the first episode, with the debris a killed process leaves behind.
+    monkeypatch.setattr(recording, "_run_attempt", _fail_attempt_zero(real, interrupt_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        record_demos(task, 3, tmp_path / "resumed", **options)
+    folder = episodes_dir(tmp_path / "resumed", task)
+    assert sorted(p.name for p in folder.iterdir()) == ["episode0"]
+    for debris in (".attempt2", "..attempt3.tmp-12345-0badc0de", ".episode1.tmp-12345-0badc0de"):
+        (folder / debris / "front_rgb").mkdir(parents=True)
+        (folder / debris / "front_rgb" / "0.png").write_bytes(b"half a png")
+    assert [d.name for d in episode_dirs(tmp_path / "resumed", task)] == ["episode0"]   # debris is not an episode
+
+    first_episode = snapshot(folder / "episode0")
+    monkeypatch.setattr(recording, "_run_attempt", _fail_attempt_zero(real))
+    summary = record_demos(task, 3, tmp_path / "resumed", **options)
+    assert summary["episodes_written"] == 2 and summary["attempts"] == 2 and summary["failures"] == []
+    assert snapshot(folder / "episode0") == first_episode
+    assert snapshot(tmp_path / "resumed") == snapshot(tmp_path / "whole")   # no duplicate, no debris
+
+    # Done already: nothing to do. More episodes: the folder grows as one longer run would.
+    assert record_demos(task, 3, tmp_path / "resumed", **options)["episodes_written"] == 0
+    record_demos(task, 4, tmp_path / "resumed", **options)
+    assert [r["attempt"] for r in episode_info(tmp_path / "resumed", task)] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_folder_recorded_otherwise(tmp_path):
+    folder = episodes_dir(tmp_path, "reach_target")
+    (folder / "episode0").mkdir(parents=True)
+    with pytest.raises(ValueError, match="llarva_episode.json"):
+        record_demos("reach_target", 2, tmp_path, progress=False)
+    settings = recording._settings("reach_target", ("front",), 128, False, None, 7, None)
+    (folder / "episode0" / recording.EPISODE_INFO).write_text(json.dumps({**settings, "attempt": 0}))
+    with pytest.raises(ValueError, match=r"seed: recorded 7, asked 0"):
+        record_demos("reach_target", 2, tmp_path, seed=0, progress=False)
+    with pytest.raises(ValueError, match="cameras"):
+        record_demos("reach_target", 2, tmp_path / "new", cameras=("front", "top"), progress=False)
+    with pytest.raises(ValueError, match="variation"):
+        record_demos("reach_target", 2, tmp_path / "new", variation=99, progress=False)
+    with pytest.raises(ValueError, match="unknown task"):
+        record_demos("juggle_plates", 2, tmp_path / "new", progress=False)
+
+
+def test_failing_expert_stops_at_max_attempts_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setattr(recording, "_run_attempt",
+                        lambda index: recording.Attempt(index, 0, 120, False, "no success within 120 steps"))
+    with pytest.warns(RuntimeWarning, match="0 of 2 episodes"):
+        summary = record_demos("reach_target", 2, tmp_path, image_size=32, max_attempts=5, progress=False)
+    assert not summary["complete"] and summary["attempts"] == 5 and len(summary["failures"]) == 5
+    assert [f["attempt"] for f in summary["failures"]] == [0, 1, 2, 3, 4]
+    assert list(episodes_dir(tmp_path, "reach_target").iterdir()) == []
+
+
+def test_llarva_demos_command_killed_then_rerun(tmp_path):
+    """A hard kill (no cleanup code runs) of `llarva demos` after its first episode, then a rerun:
+    the alias writes under RLBench's name, and the result is that of an uninterrupted run."""
+    args = ["demos", "--task", "sweep_to_dustpan", "--episodes", "2", "--out", str(tmp_path / "cli"),
+            "--image-size", "32", "--cameras", "front,wrist", "--seed", "1"]
+    folder = episodes_dir(tmp_path / "cli", "sweep_to_dustpan_of_size")
+    process = subprocess.Popen([sys.executable, "-m", "llarva_policy.cli", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (folder / "episode0").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (folder / "episode0").exists(), "llarva demos wrote no episode"
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert [d.name for d in episode_dirs(tmp_path / "cli", "sweep_to_dustpan_of_size")] == ["episode0"]
+
+    cli.main(args)
+    assert [d.name for d in episode_dirs(tmp_path / "cli", "sweep_to_dustpan_of_size")] == ["episode0", "episode1"]
+    demo = load_demo(folder / "episode1", cameras=("front", "wrist"))
+    assert demo[0].wrist_rgb.shape == (32, 32, 3)
+    record_demos("sweep_to_dustpan_of_size", 2, tmp_path / "whole", image_size=32, cameras=("front", "wrist"),
+                 seed=1, progress=False)
+    assert snapshot(tmp_path / "cli") == snapshot(tmp_path / "whole")
