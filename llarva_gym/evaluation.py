@@ -63,7 +63,7 @@ class _Episode:
     frames: list = field(default_factory=list)
 
 
-def evaluate(policy, task: str, *, episodes: int = 10, episode_length: int = 120, num_envs: int = 1,
+def evaluate(policy, task: str, *, episodes: int = 10, episode_length: int | None = None, num_envs: int = 1,
              demos=None, video_dir=None, results_path=None, seed: int = 0, progress: bool = True) -> dict:
     """Run `episodes` episodes of `task` with `policy` over `num_envs` parallel envs; returns the results.
 
@@ -74,6 +74,8 @@ def evaluate(policy, task: str, *, episodes: int = 10, episode_length: int = 120
     evaluation); and `summary` (episodes, successes, success_rate, mean_steps).
     """
     task = resolve_task(task)
+    if episode_length is None:   # the task's own limit: 120 (LLARVA's) for most
+        episode_length = gym.spec(f"llarva/{task}").max_episode_steps
     for name, value, low in (("episodes", episodes, 0), ("episode_length", episode_length, 1),
                              ("num_envs", num_envs, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:

@@ -72,7 +72,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", default=None, help="LlarvaPolicy checkpoint; omit for --policy expert")
         p.add_argument("--policy", default="llarva" if command == "eval" else "expert", choices=("llarva", "expert"))
         p.add_argument("--episodes", type=int, default=10 if command == "eval" else 4)
-        p.add_argument("--episode-length", type=int, default=120)
+        p.add_argument("--episode-length", type=int, default=None, help="default: the task's limit (120 for most, as LLARVA)")
         p.add_argument("--num-envs", type=int, default=1)
         p.add_argument("--demos", default=None, help="start episodes from these stored demos (dataset root)")
         p.add_argument("--video", default=None if command == "eval" else "outputs/quickstart/videos")

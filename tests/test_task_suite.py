@@ -58,3 +58,19 @@ def test_doing_nothing_does_not_succeed(task):
     hold = np.r_[np.zeros(7), 1.0].astype(np.float32)
     assert not any(env.step(hold)[2] for _ in range(20))
     env.close()
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_demos_and_eval_commands_work(task, tmp_path):
+    from llarva_gym.demos import load_demo, episode_dirs
+    from llarva_policy.cli import main
+
+    main(["demos", "--task", task, "--episodes", "1", "--out", str(tmp_path / "data"), "--image-size", "32"])
+    [episode] = episode_dirs(tmp_path / "data", task)
+    demo = load_demo(episode)
+    assert len(demo) > 1 and demo[0].front_rgb.shape == (32, 32, 3)
+    results = tmp_path / "results.json"
+    main(["eval", "--task", task, "--policy", "expert", "--episodes", "1", "--results", str(results)])
+    import json
+    record = json.loads(results.read_text())
+    assert record["summary"]["episodes"] == 1 and record["summary"]["successes"] == 1
