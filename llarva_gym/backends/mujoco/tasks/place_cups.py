@@ -20,7 +20,7 @@ ROUND_SHAPES = '<visual><quality numslices="20" numstacks="8"/></visual>'
 MUGS = ("mug0", "mug1", "mug2")
 MUG_COLORS = ((0.92, 0.92, 0.9), (0.2, 0.45, 0.8), (0.85, 0.3, 0.2))
 MUG_RADIUS, MUG_HEIGHT = 0.035, 0.085
-HANDLE_REACH, HANDLE_LOW, HANDLE_HIGH, HANDLE_BAR = 0.03, 0.02, 0.07, 0.005   # the loop, mug frame
+HANDLE_REACH, HANDLE_LOW, HANDLE_HIGH, HANDLE_BAR = 0.03, 0.02, 0.07, 0.005   # the loop (mug frame), bar half size
 HOLE = np.array([MUG_RADIUS + (HANDLE_REACH - HANDLE_BAR) / 2, 0.0, (HANDLE_LOW + HANDLE_HIGH) / 2])
 POST_RADIUS, POST_HEIGHT = 0.012, 0.22
 SPOKE_HEIGHTS = (0.12, 0.155, 0.19)   # where each spoke leaves the post, above the table
@@ -45,6 +45,8 @@ def _wrap(angle: float) -> float:
 
 def _mug(name: str, rgb) -> str:
     r, reach, bar = MUG_RADIUS, HANDLE_REACH, HANDLE_BAR
+    # The handle: a square loop of three bars (boxes draw far cheaper than capsules) and the wall.
+    bar_x, bar_half_x = r + (reach - 0.004) / 2, (reach + 0.004) / 2
     color = f"{rgb[0]} {rgb[1]} {rgb[2]} 1"
     # A little damping on the free joint: a mug hanging by its handle settles within a second
     # instead of swinging on for many (it barely slows a fall).
@@ -53,9 +55,9 @@ def _mug(name: str, rgb) -> str:
       <joint name="{name}" type="free" damping="0.0005"/>
       <geom name="{name}" type="cylinder" size="{r} {MUG_HEIGHT / 2}" pos="0 0 {MUG_HEIGHT / 2}" mass="0.15" rgba="{color}"/>
       <geom type="cylinder" size="{r - 0.004} 0.0005" pos="0 0 {MUG_HEIGHT}" rgba="0.25 0.2 0.15 1" contype="0" conaffinity="0"/>
-      <geom name="{name}_handle_top" type="capsule" fromto="{r - 0.004} 0 {HANDLE_HIGH} {r + reach} 0 {HANDLE_HIGH}" size="{bar}" mass="0.005" rgba="{color}"/>
-      <geom name="{name}_handle_side" type="capsule" fromto="{r + reach} 0 {HANDLE_HIGH} {r + reach} 0 {HANDLE_LOW}" size="{bar}" mass="0.005" rgba="{color}"/>
-      <geom name="{name}_handle_bottom" type="capsule" fromto="{r + reach} 0 {HANDLE_LOW} {r - 0.004} 0 {HANDLE_LOW}" size="{bar}" mass="0.005" rgba="{color}"/>
+      <geom name="{name}_handle_top" type="box" size="{bar_half_x} {bar} {bar}" pos="{bar_x} 0 {HANDLE_HIGH}" mass="0.005" rgba="{color}"/>
+      <geom name="{name}_handle_side" type="box" size="{bar} {bar} {(HANDLE_HIGH - HANDLE_LOW) / 2 + bar}" pos="{r + reach} 0 {(HANDLE_HIGH + HANDLE_LOW) / 2}" mass="0.005" rgba="{color}"/>
+      <geom name="{name}_handle_bottom" type="box" size="{bar_half_x} {bar} {bar}" pos="{bar_x} 0 {HANDLE_LOW}" mass="0.005" rgba="{color}"/>
     </body>"""
 
 

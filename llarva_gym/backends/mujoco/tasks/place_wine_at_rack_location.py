@@ -4,7 +4,7 @@ As RLBench (PerAct's variation of its wine task): 3 variations, index 0 = middle
 2 = right; success when the bottle is detected in that slot and nothing is grasped. The rack
 stands at the side of the table with its slots side by side along the table's depth, its mouth
 towards the middle: its left slot is the one farther from the robot, its right the nearer one
-(the wording PerAct's data uses; a later fork renames them "far side" and "near side").
+(as a later fork of RLBench rewords them: "far side" and "near side").
 The expert: above the bottle, down to its neck, grasp, lift, turn the bottle to lie along the
 slot in front of its mouth, slide it in, let go.
 """
@@ -32,8 +32,8 @@ def _rot(axis: str, angle: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0], [0, 0, 1]])
 
 
-# Grasp the neck from above with the fingers closing along x; then turn the gripper to point along
-# +y (into the rack) so that the bottle lies along the slot, fingers still closing along x.
+# Grasp the neck from above with the fingers closing along the rack's x; then turn the gripper to
+# point along the rack's +y (into it) so that the bottle lies along the slot (rack frame).
 NECK_GRASP = _rot("z", np.pi / 2) @ GRIPPER_DOWN
 INTO_RACK = _rot("x", np.pi / 2) @ NECK_GRASP
 
@@ -86,18 +86,24 @@ class PlaceWineAtRackLocation(Task):
 
     def init_episode(self, variation, rng):
         self.location = LOCATIONS[variation]
-        # The rack's mouth (its frame's origin) on the +y side, facing -y; the bottle standing nearer.
-        self.rack = np.array([rng.uniform(0.17, 0.25), rng.uniform(0.11, 0.15), TABLE_HEIGHT])
-        self.set_mocap("rack", self.rack)
+        # The rack's mouth (its frame's origin) on the +y side, facing -y and turned a little (RLBench
+        # turns the whole task; turned towards the robot, the far slot is out of the arm's reach);
+        # the bottle standing nearer the middle.
+        self.rack = np.array([rng.uniform(0.15, 0.23), rng.uniform(0.12, 0.16), TABLE_HEIGHT])
+        self.rack_yaw = rng.uniform(-np.pi / 8, np.pi / 16)
+        self.set_mocap("rack", self.rack, (np.cos(self.rack_yaw / 2), 0, 0, np.sin(self.rack_yaw / 2)))
         self.set_free_body("wine_bottle", (rng.uniform(0.05, 0.35), rng.uniform(-0.25, -0.08), TABLE_HEIGHT))
 
+    def _in_rack_frame(self, point) -> np.ndarray:
+        return _rot("z", self.rack_yaw) @ np.asarray(point) + self.rack
+
     def _slot_centre(self, location: str) -> np.ndarray:
-        return self.rack + np.array([SLOT_OFFSET[location], RACK_DEPTH / 2, (SLOT_FLOOR + SLOT_TOP) / 2])
+        return self._in_rack_frame((SLOT_OFFSET[location], RACK_DEPTH / 2, (SLOT_FLOOR + SLOT_TOP) / 2))
 
     def bottle_in_slot(self, location: str) -> bool:
         bottle = self.data.body("wine_bottle")
         centre = bottle.xpos + bottle.xmat.reshape(3, 3)[:, 2] * BODY_LENGTH / 2   # middle of its body
-        offset = np.abs(centre - self._slot_centre(location))
+        offset = np.abs(_rot("z", self.rack_yaw).T @ (centre - self._slot_centre(location)))
         return bool(offset[0] < 0.04 and offset[1] < RACK_DEPTH / 2 and offset[2] < (SLOT_TOP - SLOT_FLOOR) / 2)
 
     def success(self):
@@ -105,17 +111,19 @@ class PlaceWineAtRackLocation(Task):
 
     def waypoints(self):
         neck = self.body_position("wine_bottle") + np.array([0.0, 0.0, NECK_GRIP])
-        slot = self.rack + np.array([SLOT_OFFSET[self.location], 0.0, SLOT_FLOOR + BOTTLE_RADIUS + 0.004])
-        # Lying along +y, the bottle's bottom is NECK_GRIP ahead of the gripper tip.
-        in_front = slot + np.array([0.0, -NECK_GRIP - 0.03, 0.0])
-        inside = slot + np.array([0.0, RACK_DEPTH - 0.015 - NECK_GRIP, 0.0])
+        turn = _rot("z", self.rack_yaw)
+        grasp, into_rack = turn @ NECK_GRASP, turn @ INTO_RACK
+        # Lying along the slot, the bottle's bottom is NECK_GRIP ahead of the gripper tip.
+        height = SLOT_FLOOR + BOTTLE_RADIUS + 0.004
+        in_front = self._in_rack_frame((SLOT_OFFSET[self.location], -NECK_GRIP - 0.03, height))
+        inside = self._in_rack_frame((SLOT_OFFSET[self.location], RACK_DEPTH - 0.015 - NECK_GRIP, height))
         return [
-            Waypoint(neck + [0, 0, 0.06], NECK_GRASP, 1.0, speed=0.6),
-            Waypoint(neck, NECK_GRASP, 0.0, speed=0.3),
-            Waypoint(np.r_[neck[:2], TABLE_HEIGHT + LIFT], NECK_GRASP, 0.0, speed=0.5),
-            Waypoint(np.r_[in_front[:2], TABLE_HEIGHT + LIFT], INTO_RACK, 0.0, speed=0.5),
-            Waypoint(in_front, INTO_RACK, 0.0, speed=0.4),
-            Waypoint(inside, INTO_RACK, 1.0, speed=0.25),
+            Waypoint(neck + [0, 0, 0.06], grasp, 1.0, speed=0.6),
+            Waypoint(neck, grasp, 0.0, speed=0.3),
+            Waypoint(np.r_[neck[:2], TABLE_HEIGHT + LIFT], grasp, 0.0, speed=0.5),
+            Waypoint(np.r_[in_front[:2], TABLE_HEIGHT + LIFT], into_rack, 0.0, speed=0.5),
+            Waypoint(in_front, into_rack, 0.0, speed=0.4),
+            Waypoint(inside, into_rack, 1.0, speed=0.25),
         ]
 
     def low_dim_state(self):

@@ -20,7 +20,7 @@ FLOOR = 0.004       # thickness of the floor plate (square, for resting flat) an
 PANELS = 8
 NEST_STEP = 0.027   # a cup set into another rests this much higher (where its rim stop meets the walls)
 GRIP_DEPTH = 0.015  # the gripper tip closes this far below the rim, on the panel facing -y
-CARRY_HEIGHT = 0.21 # of the gripper tip above the table while moving a cup
+CARRY_HEIGHT = 0.21  # of the gripper tip above the table while moving a cup
 
 
 def _quat_mul(a, b):
@@ -77,7 +77,6 @@ class StackCups(Task):
         self._paint("cup2", COLORS[variation][1])
         self._paint("cup1", COLORS[others[0]][1])
         self._paint("cup3", COLORS[others[1]][1])
-        points = [np.zeros(2)]
         while True:   # three cups, rims well apart (RLBench samples them upright, unturned)
             points = rng.uniform((0.05, -0.25), (0.38, 0.25), size=(3, 2))
             if min(np.linalg.norm(points[i] - points[j]) for i, j in ((0, 1), (0, 2), (1, 2))) >= 0.13:
