@@ -13,6 +13,7 @@ COMMANDS = {
     "merge-lora": "merge a LoRA adapter into its base model and save a full checkpoint",
     "eval": "evaluate a policy on an embedded (or real RLBench) task",
     "quickstart": "the main job on the embedded simulator: evaluate and write a rollout video",
+    "train-small": "demos, annotations, a small LLaVA trained from scratch, evaluation: the whole pipeline",
 }
 
 
@@ -82,6 +83,35 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--dtype", default=None)
         p.add_argument("--visual-trace", action="store_true", help="the checkpoint answers with a visual trace")
         p.add_argument("--template", default="training")
+    elif command == "train-small":
+        p.add_argument("--task", required=True, help="RLBench task name or alias")
+        p.add_argument("--out", required=True, help="run folder: demos, annotations, model/, eval/, summary.json")
+        p.add_argument("--demos", type=int, default=100, help="scripted-expert demos to record and train on")
+        p.add_argument("--size", default="small", choices=("small", "toy"), help="model size (toy: tests only)")
+        p.add_argument("--demo-seed", type=int, default=0, help="seed of the demos (llarva demos --seed)")
+        p.add_argument("--seed", type=int, default=0, help="annotation order, initialisation and data order")
+        p.add_argument("--processes", type=int, default=1, help="processes recording demos")
+        p.add_argument("--train-seconds", type=float, default=300.0, help="wall-clock budget of the training")
+        p.add_argument("--run-seconds", type=float, default=None,
+                       help="budget of the whole run: training stops early enough to leave --eval-reserve-seconds")
+        p.add_argument("--eval-reserve-seconds", type=float, default=150.0)
+        p.add_argument("--max-steps", type=int, default=None,
+                       help="training steps (default: as many as fit in the budget, recorded in summary.json)")
+        p.add_argument("--batch-size", type=int, default=128)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--warmup-steps", type=int, default=200)
+        p.add_argument("--weight-decay", type=float, default=0.01)
+        p.add_argument("--checkpoint-seconds", type=float, default=60.0)
+        p.add_argument("--eval-episodes", type=int, default=25)
+        p.add_argument("--eval-num-envs", type=int, default=8)
+        p.add_argument("--eval-seed", type=int, default=0, help="llarva eval --seed: the evaluation episodes")
+        p.add_argument("--eval-episode-length", type=int, default=None, help="default: the task's limit")
+        p.add_argument("--no-expert-baseline", dest="expert_baseline", action="store_false",
+                       help="skip evaluating the scripted expert on the same episodes")
+        p.add_argument("--device", default=None)
+        p.add_argument("--export", default=None,
+                       help="folder for the files worth keeping (model tar, summary, results, one video), "
+                            "written as they are made")
     return p
 
 
@@ -103,6 +133,9 @@ def _run(command: str, args: argparse.Namespace) -> None:
     elif command == "merge-lora":
         from llarva_policy.finetune import merge_lora
         merge_lora(args.adapter, args.output)
+    elif command == "train-small":
+        from llarva_policy.train_small import train_small
+        train_small(**vars(args))
     else:
         from llarva_gym.evaluation import evaluate, print_summary
         if args.policy == "expert":

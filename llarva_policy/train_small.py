@@ -1,0 +1,660 @@
+"""`llarva train-small`: a LLaVA-architecture LLARVA policy trained from random initialisation.
+
+No pre-trained LLARVA or LLaVA weights can be downloaded, so this recipe makes the whole pipeline
+prove itself on what it can produce itself, in one call that fits a few minutes of one GPU:
+
+    from llarva_policy.train_small import train_small
+    summary = train_small("reach_target", "runs/train_small/reach_target", demos=1000, processes=12)
+
+1. demos: `record_demos(task, demos, <out>/data, seed=demo_seed)`, the scripted expert on the
+   embedded simulator, RLBench's on-disk layout (resumes where it stopped);
+2. annotations: `annotate(<out>/data, <out>/annotations.json, task, seed=seed)`, LLARVA's JSON;
+3. tokenizer: `build_tokenizer(corpus_texts=...)`, a LLaMA-style BPE trained on the annotation
+   conversations themselves (every digit its own token, as LLaMA's);
+4. model: LLaVA-1.5's architecture (CLIP ViT, two-layer GELU projector, Llama) from
+   `tiny_llava_config`, resized to `SHAPES[size]` and randomly initialised with `seed`;
+   128 px images in 16 px patches: 64 image tokens, the stored front images unresized;
+5. training: every weight, the vision tower included, on the answer tokens (the loss of
+   `llarva finetune`: the action and its `</s>`), AdamW with warm-up and a cosine schedule, bf16
+   autocast on CUDA, a wall-clock budget (`train_seconds`); the checkpoint (transformers' layout,
+   bf16) is rewritten every `checkpoint_seconds`, so a run cut short still leaves a model;
+6. evaluation: `evaluate` (what `llarva eval` runs) with `LlarvaPolicy(constrained=True)`, greedy
+   decoding that can only write a well-formed action, on `eval_episodes` episodes from
+   `eval_seed`, and the scripted expert on the same episodes for comparison.
+
+Why not `finetune(full=True)`: that is LLaVA's recipe for a pre-trained CLIP tower, which it keeps
+frozen, and it reads and preprocesses every sample from disk through the transformers Trainer. A
+randomly initialised tower has to learn, and a budget of minutes needs the data on the GPU: here
+every conversation is tokenized once (the same ids and labels as `finetune.tokenize_conversation`,
+checked by the tests) and every image is kept on the device as uint8 and normalised there (the
+same numbers as the CLIP image processor, checked on every run).
+
+What `out` holds: `data/` (demos), `annotations.json`, `model/` (the checkpoint, which
+`LlarvaPolicy.from_pretrained` and `llarva eval --checkpoint` load), `eval/` (results, the
+expert's results, one video per episode) and `summary.json` (options, sizes, training log, success
+rates). `export`, if given, receives the few files worth keeping as they are made (the model as
+one tar, the summary, both results files, one rollout video): a device run writes them straight
+into its output folder, so a run stopped by a time limit still returns what it had.
+
+Reproducibility: demos, annotations, tokenizer, initialisation, data order and evaluation episodes
+are functions of the seeds. With `max_steps=None` the number of steps is chosen from the measured
+speed to fill `train_seconds` and recorded in the summary; pass it back as `max_steps` to repeat a
+run step for step. On CUDA, deterministic kernels are asked for where PyTorch has them.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from llarva_policy import codec
+from llarva_policy.finetune import IGNORE_INDEX, conversation_turns, load_annotations
+from llarva_policy.model import (
+    _clip_image_processor,
+    _make_processor,
+    build_tokenizer,
+    resolve_device,
+    tiny_llava_config,
+)
+
+IMAGE_SIZE = 128   # the stored front_rgb images; the CLIP tower takes them as they are
+
+# Shapes of the vision tower and of the Llama, per size. "small": 6.86M parameters, 13.8 MB
+# in bf16, trained in minutes on one GPU; "toy": CPU tests and dry runs.
+SHAPES = {
+    "small": (
+        dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3, patch_size=16),
+        dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
+    ),
+    "toy": (
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=32),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+    ),
+}
+TOKENIZER_CORPUS = 4000    # conversations the tokenizer learns from (the file is shuffled: a fair sample)
+SUMMARY_FILE = "summary.json"
+MODEL_DIR = "model"
+TRAINING_FILE = "llarva_train_small.json"   # in the model folder: how it was trained, and whether it finished
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+def small_llava_config(tokenizer, size: str = "small"):
+    """LLaVA-1.5's architecture at one of `SHAPES`' sizes, for 128 px images.
+
+    Built by `tiny_llava_config` and resized. One change from LLaVA-1.5: the image features are
+    the tower's last layer (`vision_feature_layer=-1`), not the second to last: LLaVA skips the
+    last layer of a CLIP trained for contrastive matching; a tower trained from scratch for this
+    task has no such layer to skip.
+    """
+    if size not in SHAPES:
+        raise ValueError(f"size: expected one of {sorted(SHAPES)}, got {size!r}")
+    vision, text = SHAPES[size]
+    config = tiny_llava_config(tokenizer, size="small", image_size=IMAGE_SIZE)
+    config.vision_config.update({**vision, "projection_dim": vision["hidden_size"]})
+    config.text_config.update({**text, "num_key_value_heads": text["num_attention_heads"],
+                               "head_dim": text["hidden_size"] // text["num_attention_heads"]})
+    config.image_seq_length = (IMAGE_SIZE // vision["patch_size"]) ** 2
+    config.vision_feature_layer = -1
+    return config
+
+
+def build_model(tokenizer, size: str = "small", seed: int = 0):
+    """(model, processor): a randomly initialised LLaVA (float32) and its processor."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = small_llava_config(tokenizer, size)
+    # A private RNG stream: the caller's global torch RNG is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, name, getattr(tokenizer, name))
+    image_processor = _clip_image_processor(IMAGE_SIZE, pad_to_square=True)
+    processor = _make_processor(tokenizer, config.vision_config, image_processor)
+    return model, processor
+
+
+def save_checkpoint(model, processor, folder: Path, info: dict) -> Path:
+    """Write the model (bf16) and processor in transformers' layout, replacing `folder` atomically."""
+    folder = Path(folder)
+    temp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half.config.use_cache = True
+    half.config.get_text_config().use_cache = True
+    half.save_pretrained(temp)
+    processor.save_pretrained(temp)
+    (temp / TRAINING_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(temp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: every sample tokenized once, every image on the device
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingSet:
+    """All samples, ready to slice into batches (rows right-padded)."""
+
+    input_ids: torch.Tensor   # (S, L) int64, padded with the pad token
+    labels: torch.Tensor      # (S, L) int64, IGNORE_INDEX outside the answers
+    lengths: torch.Tensor     # (S,) tokens of each sample, image tokens included
+    images: torch.Tensor      # (S, 3, H, W) uint8
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def to(self, device) -> "TrainingSet":
+        return TrainingSet(*(t.to(device) for t in (self.input_ids, self.labels, self.lengths, self.images)))
+
+
+def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_token: str = codec.IMAGE_TOKEN,
+                         template=codec.TRAINING, chunk: int = 2048) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input_ids, labels) of every annotation entry, as `finetune.tokenize_conversation` makes them.
+
+    The conversation text is tokenized with its one `<image>`, which then becomes
+    `num_image_tokens` copies (the processor writes them into the text; `<image>` is an added
+    token, so the text around it tokenizes the same either way). Labels are the ids of the tokens
+    that reach into the answer span, `IGNORE_INDEX` elsewhere.
+    """
+    template = codec.get_template(template)
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    eos = tokenizer.eos_token_id
+    encoded = []
+    for begin in range(0, len(entries), chunk):
+        texts, answer_starts = [], []
+        for entry in entries[begin:begin + chunk]:
+            question, answer = conversation_turns(entry)
+            texts.append(codec.build_conversation_text(question, answer, template=template))
+            answer_starts.append(codec.answer_span(question, answer, template=template)[0])
+        batch = tokenizer(texts, return_offsets_mapping=True, padding=True, padding_side="right", return_tensors="np")
+        real = batch["attention_mask"].astype(bool)
+        reaches_answer = batch["offset_mapping"][..., 1] > np.asarray(answer_starts)[:, None]
+        all_labels = np.where(real & reaches_answer, batch["input_ids"], IGNORE_INDEX)
+        for index, length in enumerate(real.sum(axis=1)):
+            ids = batch["input_ids"][index, :length].astype(np.int64)
+            labels = all_labels[index, :length]
+            where = np.flatnonzero(ids == image_id)
+            if len(where) != 1 or ids[-1] != eos or labels[-1] != eos:
+                raise ValueError(f"annotation entry {begin + index} (id {entries[begin + index].get('id')!r}): "
+                                 f"expected one {image_token!r} in the question and the text to end with the "
+                                 f"tokenizer's end-of-sequence token; text ends {texts[index][-40:]!r}")
+            k = where[0]
+            ids = np.concatenate([ids[:k], np.full(num_image_tokens, image_id), ids[k + 1:]])
+            labels = np.concatenate([labels[:k], np.full(num_image_tokens, IGNORE_INDEX), labels[k + 1:]])
+            encoded.append((ids, labels))
+    return encoded
+
+
+def load_images(paths, *, threads: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB images (PNG decoding runs in threads: PIL releases the GIL there)."""
+    def read(path):
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+
+    threads = threads or min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        images = list(pool.map(read, paths, chunksize=64))
+    shapes = {image.shape for image in images}
+    if len(shapes) != 1:
+        raise ValueError(f"images: expected one size for all front images, found {sorted(shapes)}")
+    return np.stack(images)
+
+
+def build_training_set(entries, images_root, tokenizer, *, num_image_tokens: int, template=codec.TRAINING,
+                       pad_token_id: int) -> TrainingSet:
+    encoded = encode_conversations(entries, tokenizer, num_image_tokens=num_image_tokens, template=template)
+    lengths = [len(ids) for ids, _ in encoded]
+    input_ids = np.full((len(encoded), max(lengths)), pad_token_id, dtype=np.int64)
+    labels = np.full((len(encoded), max(lengths)), IGNORE_INDEX, dtype=np.int64)
+    for row, (ids, row_labels) in enumerate(encoded):
+        input_ids[row, :len(ids)] = ids
+        labels[row, :len(ids)] = row_labels
+    images = load_images([Path(images_root) / entry["image"] for entry in entries])
+    return TrainingSet(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.tensor(lengths),
+                       torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+
+
+class ImageNormalizer:
+    """uint8 images -> CLIP pixel values on the device: the image processor's arithmetic.
+
+    Valid only when the images already have the tower's size (no resize, no crop, no padding);
+    `check` compares with the processor itself and raises if they differ.
+    """
+
+    def __init__(self, image_processor, device):
+        self.scale = float(image_processor.rescale_factor)
+        self.mean = torch.tensor(image_processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_processor.image_std, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() * self.scale - self.mean) / self.std
+
+    def check(self, image_processor, images: torch.Tensor) -> None:
+        expected = image_processor(images=list(images.permute(0, 2, 3, 1).cpu().numpy()),
+                                   return_tensors="pt")["pixel_values"]
+        got = self(images.to(self.mean.device)).cpu()
+        if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-4):
+            raise ValueError(f"images: normalising on the device does not reproduce the CLIP image processor "
+                             f"(shapes {tuple(got.shape)} and {tuple(expected.shape)}); the stored images must be "
+                             f"{IMAGE_SIZE}x{IMAGE_SIZE} (record demos with image_size={IMAGE_SIZE})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def learning_rate(step: int, total: int, *, peak: float, warmup: int, final_fraction: float = 0.1) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine from `peak` down to `final_fraction * peak`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def answer_loss(model, input_ids, labels, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, token accuracy) on the answer tokens.
+
+    Right-padded rows need no attention mask under causal attention (no real token sees a pad),
+    so attention runs its fused causal kernel; the LM head runs on the answer positions only.
+    """
+    hidden = model.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = model.lm_head(hidden[:, :-1][keep]).float()
+    targets = targets[keep]
+    loss = F.cross_entropy(logits, targets)
+    accuracy = (logits.argmax(-1) == targets).float().mean()
+    return loss, accuracy
+
+
+def _optimizer(model, lr: float, weight_decay: float, device: torch.device):
+    # Weight decay on matrices only (not on norms, biases, embeddings of positions or classes).
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 and "embed" not in name else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device: torch.device, batch_size: int = 128,
+                lr: float = 1e-3, warmup_steps: int = 200, weight_decay: float = 0.01, max_steps: int | None = None,
+                train_seconds: float = 300.0, seed: int = 0, bf16: bool | None = None,
+                checkpoint_seconds: float = 60.0, on_checkpoint=None, log_every: int = 25,
+                probe_steps: tuple[int, int] = (10, 30), progress: bool = True) -> dict:
+    """Train every weight of `model` on `data` (on `device`); returns the training log.
+
+    Stops after `max_steps`, or when `train_seconds` have passed. `max_steps=None` measures the
+    speed over steps `probe_steps` and sets `max_steps` so that the cosine schedule ends with
+    the budget. `on_checkpoint(model, log)` is called every `checkpoint_seconds` and at the end.
+    """
+    bf16 = device.type == "cuda" if bf16 is None else bf16
+    model.to(device).train()
+    model.requires_grad_(True)
+    model.config.get_text_config().use_cache = False
+    optimizer = _optimizer(model, lr, weight_decay, device)
+    order = torch.Generator().manual_seed(seed)   # data order: a function of the seed alone
+    samples = len(data)
+    if samples < batch_size:
+        batch_size = samples
+
+    auto_steps = max_steps is None
+    total = max_steps if max_steps is not None else 10 ** 9    # set once the speed is known
+    warmup = min(warmup_steps, max(1, total // 10))
+    log = {"max_steps": None if auto_steps else total, "max_steps_chosen": "auto" if auto_steps else "given",
+           "batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "weight_decay": weight_decay,
+           "bf16": bf16, "samples": samples, "steps": 0, "epochs": 0.0, "seconds": 0.0, "stopped_by": None,
+           "history": []}
+    started = time.perf_counter()
+    last_checkpoint = started
+    probe_start = None
+    lengths = data.lengths.cpu()    # batch lengths read on the CPU: no wait for the GPU
+    permutation, position = torch.randperm(samples, generator=order), 0
+    bar = tqdm(total=None if auto_steps else total, desc="train-small", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    step = 0
+
+    def log_entry(loss, accuracy) -> dict:
+        entry = {"step": step, "seconds": round(time.perf_counter() - started, 2),
+                 "lr": optimizer.param_groups[0]["lr"], "loss": round(loss.item(), 5),
+                 "answer_token_accuracy": round(accuracy.item(), 4)}
+        log["history"].append(entry)
+        return entry
+
+    try:
+        while step < total:
+            if time.perf_counter() - started >= train_seconds:
+                log["stopped_by"] = "time"
+                break
+            if position + batch_size > samples:            # a new epoch: a new order (last partial batch dropped)
+                permutation, position = torch.randperm(samples, generator=order), 0
+            rows = permutation[position:position + batch_size]
+            position += batch_size
+            length = int(lengths[rows].max())
+            index = rows.to(device)
+            input_ids = data.input_ids[index, :length]
+            labels = data.labels[index, :length]
+            pixel_values = normalize(data.images[index])
+
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total, peak=lr, warmup=warmup)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, accuracy = answer_loss(model, input_ids, labels, pixel_values)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+
+            if auto_steps and step in probe_steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if step == probe_steps[0]:
+                    probe_start = time.perf_counter()
+                else:
+                    seconds_per_step = (time.perf_counter() - probe_start) / (probe_steps[1] - probe_steps[0])
+                    left = train_seconds - (time.perf_counter() - started)
+                    total = max(step + 1, step + int(0.97 * left / seconds_per_step))
+                    warmup = min(warmup_steps, max(1, total // 10))
+                    log.update(max_steps=total, warmup_steps=warmup, probe_seconds_per_step=seconds_per_step)
+                    bar.total = total
+            if step % log_every == 0 or step == total:   # reading the loss waits for the GPU: not every step
+                entry = log_entry(loss, accuracy)
+                bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['answer_token_accuracy']:.3f}",
+                                refresh=False)
+            bar.update(1)
+            if on_checkpoint is not None and time.perf_counter() - last_checkpoint >= checkpoint_seconds:
+                log.update(steps=step, epochs=round(step * batch_size / samples, 3),
+                           seconds=round(time.perf_counter() - started, 2))
+                on_checkpoint(model, log)
+                last_checkpoint = time.perf_counter()
+        else:
+            log["stopped_by"] = "steps"
+    finally:
+        bar.close()
+    if step and (not log["history"] or log["history"][-1]["step"] != step):   # stopped by time between logs
+        log_entry(loss, accuracy)
+    log.update(steps=step, epochs=round(step * batch_size / samples, 3),
+               seconds=round(time.perf_counter() - started, 2),
+               final_loss=log["history"][-1]["loss"] if log["history"] else None)
+    if auto_steps and log["max_steps"] is None:   # stopped before the probe ended
+        log["max_steps"] = step
+    model.eval()
+    if on_checkpoint is not None:
+        on_checkpoint(model, log)
+    return log
+
+
+class _Deterministic:
+    """Deterministic kernels where PyTorch has them (warn elsewhere), restored on exit."""
+
+    def __enter__(self):
+        self.previous = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+    def __exit__(self, *exc):
+        enabled, warn_only, benchmark = self.previous
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+def _write_json(path: Path, content) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(content, indent=1, default=str) + "\n")
+    os.replace(temp, path)
+
+
+def _tar_folder(folder: Path, tar_path: Path) -> Path:
+    temp = tar_path.with_name(f".{tar_path.name}.tmp-{os.getpid()}")
+    with tarfile.open(temp, "w") as tar:
+        tar.add(folder, arcname=tar_path.name.removesuffix(".tar"))
+    os.replace(temp, tar_path)
+    return tar_path
+
+
+def _folder_megabytes(folder: Path) -> float:
+    return round(sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6, 3)
+
+
+def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_seed: int = 0, seed: int = 0,
+                processes: int = 1, train_seconds: float = 300.0, run_seconds: float | None = None,
+                eval_reserve_seconds: float = 150.0, max_steps: int | None = None, batch_size: int = 128,
+                lr: float = 1e-3, warmup_steps: int = 200, weight_decay: float = 0.01,
+                checkpoint_seconds: float = 60.0, eval_episodes: int = 25, eval_num_envs: int = 8,
+                eval_seed: int = 0, eval_episode_length: int | None = None, expert_baseline: bool = True,
+                device=None, export=None, isolate_evaluation: bool | None = None, progress: bool = True) -> dict:
+    """Record demos, annotate, train a small LLaVA from scratch, evaluate it and the expert; returns the summary.
+
+    See the module docstring for the steps and what `out` and `export` receive. Training stops
+    after `max_steps` or `train_seconds`; with `run_seconds` (a budget for the whole call, as a
+    device run has), also early enough to leave `eval_reserve_seconds` for the evaluations.
+    Rerunning into the same `out` continues the demos, keeps a finished model (trained with the
+    same options) and continues the evaluations. `isolate_evaluation`: run each evaluation in a
+    fresh process (default: when this process has started CUDA; see the evaluation step).
+    """
+    from llarva_gym.recording import record_demos
+    from llarva_gym.registration import resolve_task
+    from llarva_policy.annotations import annotate
+
+    started = time.perf_counter()
+    # cuBLAS is deterministic only with this workspace setting, read when CUDA starts (not yet, here).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    task = resolve_task(task)
+    if size not in SHAPES:
+        raise ValueError(f"size: expected one of {sorted(SHAPES)}, got {size!r}")
+    for name, value in (("demos", demos), ("batch_size", batch_size), ("eval_num_envs", eval_num_envs),
+                        ("processes", processes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+        raise ValueError(f"max_steps: expected None (fill train_seconds) or an int >= 1, got {max_steps!r}")
+    if not train_seconds > 0:
+        raise ValueError(f"train_seconds: expected a number > 0, got {train_seconds!r}")
+    out = Path(out).expanduser().resolve()
+    export = Path(export).expanduser().resolve() if export is not None else None
+    device = resolve_device(device)
+    data_root, annotations_path, model_dir = out / "data", out / "annotations.json", out / MODEL_DIR
+    # What the trained model depends on (a finished model trained with other options is not reused).
+    options = {"task": task, "demos": demos, "size": size, "demo_seed": demo_seed, "seed": seed,
+               "train_seconds": train_seconds, "run_seconds": run_seconds, "max_steps": max_steps,
+               "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay}
+    summary = {"task": task, "options": options,
+               "evaluation": {"episodes": eval_episodes, "seed": eval_seed, "episode_length": eval_episode_length,
+                              "num_envs": eval_num_envs, "decoding": "greedy, constrained"},
+               "device": str(device), "torch": torch.__version__, "stages": {}}
+
+    def save_summary():
+        summary["seconds"] = round(time.perf_counter() - started, 2)
+        _write_json(out / SUMMARY_FILE, summary)
+        if export is not None:
+            _write_json(export / f"train_small_{task}.json", summary)
+
+    def stage(name: str, **facts):
+        summary["stages"][name] = {**facts, "at_seconds": round(time.perf_counter() - started, 2)}
+        save_summary()
+        if progress:
+            tqdm.write(f"train-small {task}: {name} {json.dumps(facts, default=str)[:300]}")
+
+    # 1-2. demos and annotations
+    recorded = record_demos(task, demos, data_root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
+                            seed=demo_seed, progress=progress)
+    stage("demos", episodes=recorded["episodes"], seconds=recorded["seconds"], failures=len(recorded["failures"]))
+    annotate(data_root, annotations_path, task, seed=seed, progress=progress)
+    entries = load_annotations(annotations_path, data_root)
+    stage("annotations", samples=len(entries))
+
+    # 3-5. tokenizer, model, training (skipped if a finished model trained with these options is there)
+    finished = model_dir / TRAINING_FILE
+    previous = json.loads(finished.read_text()) if finished.is_file() else {}
+    if previous.get("finished") and previous.get("options") == options:
+        summary["training"] = previous["training"]
+        stage("training", reused=str(model_dir))
+    else:
+        texts = [codec.build_conversation_text(*conversation_turns(e)) for e in entries[:TOKENIZER_CORPUS]]
+        tokenizer = build_tokenizer(corpus_texts=texts)
+        model, processor = build_model(tokenizer, size, seed)
+        num_image_tokens = model.config.image_seq_length
+        data = build_training_set(entries, data_root, tokenizer, num_image_tokens=num_image_tokens,
+                                  pad_token_id=tokenizer.pad_token_id)
+        normalize = ImageNormalizer(processor.image_processor, device)
+        normalize.check(processor.image_processor, data.images[:4])
+        parameters = sum(p.numel() for p in model.parameters())
+        summary["model"] = {"size": size, "parameters": parameters, "vocab_size": len(tokenizer),
+                            "image_tokens": num_image_tokens, "vision": SHAPES[size][0], "text": SHAPES[size][1],
+                            "tokens_per_sample_mean": round(float(data.lengths.float().mean()), 1),
+                            "tokens_per_sample_max": int(data.lengths.max())}
+        # CUDA starts here, after the demo workers (which render with EGL) are done.
+        summary["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        stage("data", samples=len(data), device=str(device), parameters=parameters)
+
+        def on_checkpoint(model, log):
+            info = {"options": options, "finished": log["stopped_by"] is not None, "training": log}
+            save_checkpoint(model, processor, model_dir, info)
+            summary["training"] = log
+            summary["model"]["megabytes"] = _folder_megabytes(model_dir)
+            if export is not None:
+                _tar_folder(model_dir, export / f"train_small_{task}_model.tar")
+            save_summary()
+
+        budget = train_seconds
+        if run_seconds is not None:
+            budget = max(10.0, min(budget, run_seconds - eval_reserve_seconds - (time.perf_counter() - started)))
+        data = data.to(device)
+        with _Deterministic():
+            log = train_model(model, data, normalize, device=device, batch_size=batch_size, lr=lr,
+                              warmup_steps=warmup_steps, weight_decay=weight_decay, max_steps=max_steps,
+                              train_seconds=budget, seed=seed, checkpoint_seconds=checkpoint_seconds,
+                              on_checkpoint=on_checkpoint, progress=progress)
+        del model, data
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        stage("training", steps=log["steps"], epochs=log["epochs"], seconds=log["seconds"],
+              final_loss=log["final_loss"], stopped_by=log["stopped_by"])
+
+    # 6. evaluation: the trained policy, then the scripted expert on the same episodes. The env
+    # workers are forked; a process forked after CUDA has started cannot make an EGL context, so
+    # once this process has used CUDA, each evaluation runs in a fresh process, and the policy is
+    # loaded there only after the workers exist (LazyPolicy).
+    eval_dir = out / "eval"
+    isolate = torch.cuda.is_initialized() if isolate_evaluation is None else isolate_evaluation
+    common = dict(task=task, episodes=eval_episodes, episode_length=eval_episode_length, num_envs=eval_num_envs,
+                  seed=eval_seed, progress=progress)
+    results_path = (export or eval_dir) / f"train_small_{task}_eval.json"
+    # Videos need ffmpeg (imageio-ffmpeg); a machine without it (the lent GPU host) skips them and
+    # a rollout video is made afterwards with `llarva eval --video`.
+    can_write_video = importlib.util.find_spec("imageio_ffmpeg") is not None
+    results = _run(_evaluate, isolate, checkpoint=str(model_dir), device=str(device), name=f"train-small:{task}",
+                   video_dir=str(eval_dir / "videos") if can_write_video else None,
+                   results_path=str(results_path), **common)
+    summary["eval"] = {**results["summary"], "parse_errors": sum(r["parse_errors"] for r in results["episodes"]),
+                       "results": str(results_path)}
+    videos = [r for r in results["episodes"] if r.get("video")]
+    if export is not None and videos:
+        shown = next((r for r in videos if r["success"]), videos[0])
+        shutil.copyfile(shown["video"], export / f"train_small_{task}_rollout.mp4")
+        summary["eval"]["video_shown"] = {"index": shown["index"], "success": shown["success"]}
+    stage("eval", **results["summary"])
+    if expert_baseline:
+        expert_path = (export or eval_dir) / f"train_small_{task}_expert.json"
+        expert = _run(_evaluate, isolate, checkpoint=None, results_path=str(expert_path), **common)
+        summary["expert"] = {**expert["summary"], "results": str(expert_path)}
+        stage("expert", **expert["summary"])
+    save_summary()
+    if progress:
+        print(format_summary(summary))
+    return summary
+
+
+class LazyPolicy:
+    """A `LlarvaPolicy` (constrained decoding) loaded at its first `predict`, so that `evaluate`
+    forks its env workers before this process starts CUDA."""
+
+    def __init__(self, checkpoint, device=None, name: str | None = None):
+        self.checkpoint, self.device, self.name = checkpoint, device, name
+        self.policy = None
+
+    def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
+        if self.policy is None:
+            from llarva_policy.policy import LlarvaPolicy
+            self.policy = LlarvaPolicy.from_pretrained(self.checkpoint, device=self.device, constrained=True)
+        return self.policy.predict(observation, state=state, episode_start=episode_start, deterministic=deterministic)
+
+    @property
+    def last_info(self) -> list[dict]:
+        return self.policy.last_info if self.policy is not None else []
+
+
+def _evaluate(checkpoint, task, *, device=None, name=None, **options) -> dict:
+    """`evaluate` for a checkpoint (LazyPolicy) or, with `checkpoint=None`, the scripted expert.
+
+    The fast decoder's `torch.compile` stays off unless asked for (LLARVA_FAST_COMPILE): it
+    compiles again for each batch size and cache length, which costs more than it saves for a
+    model this small, whose decode step CUDA graphs already make cheap.
+    """
+    from llarva_gym.evaluation import evaluate
+    from llarva_policy.generation import COMPILE_ENV
+
+    policy = "expert" if checkpoint is None else LazyPolicy(checkpoint, device, name)
+    previous = os.environ.get(COMPILE_ENV)
+    os.environ[COMPILE_ENV] = previous if previous is not None else "0"
+    try:
+        return evaluate(policy, task, **options)
+    finally:
+        if previous is None:
+            del os.environ[COMPILE_ENV]
+
+
+def _run(function, in_fresh_process: bool, **kwargs):
+    """`function(**kwargs)`, here or in a fresh ("spawn") process."""
+    if not in_fresh_process:
+        return function(**kwargs)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, **kwargs).result()
+
+
+def format_summary(summary: dict) -> str:
+    def rate(part):
+        return f"{part['successes']}/{part['episodes']} ({100 * part['success_rate']:.0f}%)" if part else "n/a"
+
+    training = summary.get("training") or {}
+    model = summary.get("model") or {}
+    rows = [("task", summary["task"]),
+            ("model", f"{model.get('parameters', 'n/a')} parameters, {model.get('megabytes', 'n/a')} MB"),
+            ("training", f"{training.get('steps')} steps, {training.get('epochs')} epochs, "
+                         f"{training.get('seconds')} s, final loss {training.get('final_loss')}"),
+            ("trained policy", rate(summary.get("eval"))),
+            ("scripted expert", rate(summary.get("expert")))]
+    width = max(len(name) for name, _ in rows)
+    return "train-small\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)

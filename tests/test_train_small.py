@@ -1,0 +1,204 @@
+"""`llarva train-small` at toy scale (CPU, seconds): the recipe end to end, its data path, its budget.
+
+The data are real: scripted-expert demos of reach_target recorded on the embedded simulator and
+annotated with `annotate`.
+"""
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import gymnasium as gym  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+import llarva_gym  # noqa: E402,F401
+from llarva_gym.recording import record_demos  # noqa: E402
+from llarva_policy import codec  # noqa: E402
+from llarva_policy.annotations import annotate  # noqa: E402
+from llarva_policy.cli import main as llarva_main  # noqa: E402
+from llarva_policy.finetune import (  # noqa: E402
+    IGNORE_INDEX,
+    conversation_turns,
+    load_annotations,
+    tokenize_conversation,
+)
+from llarva_policy.generation import generate_text  # noqa: E402
+from llarva_policy.model import build_tokenizer, load_llava  # noqa: E402
+from llarva_policy.policy import LlarvaPolicy  # noqa: E402
+from llarva_policy.train_small import (  # noqa: E402
+    MODEL_DIR,
+    TRAINING_FILE,
+    ImageNormalizer,
+    build_model,
+    build_training_set,
+    encode_conversations,
+    learning_rate,
+    save_checkpoint,
+    train_model,
+    train_small,
+)
+
+TASK = "reach_target"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory):
+    """Two reach_target demos and their annotation entries: (data root, entries)."""
+    root = tmp_path_factory.mktemp("train_small_data")
+    record_demos(TASK, 2, root / "data", seed=0, progress=False)
+    annotate(root / "data", root / "annotations.json", TASK, seed=0, progress=False)
+    return root / "data", load_annotations(root / "annotations.json", root / "data")
+
+
+def toy_model(entries, seed=0):
+    tokenizer = build_tokenizer(corpus_texts=[codec.build_conversation_text(*conversation_turns(e)) for e in entries])
+    model, processor = build_model(tokenizer, "toy", seed=seed)
+    return tokenizer, model, processor
+
+
+def toy_data(entries, data_root, tokenizer, model):
+    return build_training_set(entries, data_root, tokenizer, num_image_tokens=model.config.image_seq_length,
+                              pad_token_id=tokenizer.pad_token_id)
+
+
+def test_samples_are_tokenized_as_finetune_tokenizes_them(annotated):
+    data_root, entries = annotated
+    tokenizer, model, processor = toy_model(entries)
+    encoded = encode_conversations(entries[:6], tokenizer, num_image_tokens=model.config.image_seq_length)
+    for entry, (ids, labels) in zip(entries[:6], encoded):
+        with Image.open(data_root / entry["image"]) as image:
+            expected = tokenize_conversation(processor, image.convert("RGB"), *conversation_turns(entry))
+        assert ids.tolist() == expected["input_ids"].tolist()
+        assert labels.tolist() == expected["labels"].tolist()
+        # The loss reads the answer and its </s>, nothing of the prompt.
+        answer = tokenizer.decode(ids[labels != IGNORE_INDEX], skip_special_tokens=False)
+        assert answer.strip() == conversation_turns(entry)[1] + "</s>"
+
+
+def test_images_are_normalised_as_the_clip_processor_does(annotated):
+    data_root, entries = annotated
+    tokenizer, model, processor = toy_model(entries)
+    data = toy_data(entries[:5], data_root, tokenizer, model)
+    assert data.images.dtype == torch.uint8 and data.images.shape == (5, 3, 128, 128)
+    normalize = ImageNormalizer(processor.image_processor, CPU)
+    normalize.check(processor.image_processor, data.images)        # raises if they differ
+    with Image.open(data_root / entries[0]["image"]) as image:
+        expected = processor.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+    assert torch.allclose(normalize(data.images[:1]), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="128x128"):
+        normalize.check(processor.image_processor, data.images[:, :, :64, :64])
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    assert learning_rate(0, 100, peak=1e-3, warmup=10) == pytest.approx(1e-4)
+    assert learning_rate(9, 100, peak=1e-3, warmup=10) == pytest.approx(1e-3)
+    assert learning_rate(55, 100, peak=1e-3, warmup=10) == pytest.approx(0.55e-3)
+    assert learning_rate(100, 100, peak=1e-3, warmup=10) == pytest.approx(1e-4)
+
+
+def test_training_stops_at_the_time_budget_and_is_reproducible(annotated):
+    data_root, entries = annotated
+    tokenizer, model, processor = toy_model(entries)
+    data = toy_data(entries, data_root, tokenizer, model)
+    normalize = ImageNormalizer(processor.image_processor, CPU)
+    log = train_model(model, data, normalize, device=CPU, batch_size=4, max_steps=10 ** 6, train_seconds=1.0,
+                      progress=False)
+    assert log["stopped_by"] == "time" and 1 <= log["steps"] < 10 ** 6
+    assert log["seconds"] < 1.0 + 5.0     # the budget, plus at most the step under way when it ran out
+    assert log["history"][-1]["step"] == log["steps"] and log["final_loss"] is not None   # the last step is logged
+
+    # Without max_steps, the speed measured on steps 2..4 sets the schedule's length to fill the budget.
+    _, model, _ = toy_model(entries)
+    log = train_model(model, data, normalize, device=CPU, batch_size=4, train_seconds=2.0, probe_steps=(2, 4),
+                      progress=False)
+    assert log["max_steps_chosen"] == "auto" and log["max_steps"] >= 4 and "probe_seconds_per_step" in log
+
+    # The same seeds give the same weights.
+    weights = []
+    for _ in range(2):
+        _, model, _ = toy_model(entries, seed=3)
+        train_model(model, data, normalize, device=CPU, batch_size=4, max_steps=3, seed=5, progress=False)
+        weights.append({name: p.detach().clone() for name, p in model.named_parameters()})
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert not torch.equal(weights[0]["lm_head.weight"], toy_model(entries, seed=3)[1].lm_head.weight)
+
+
+@pytest.mark.slow
+def test_a_trained_model_writes_back_the_answers_it_was_trained_on(annotated, tmp_path):
+    """Training text and inference prompts agree: a model trained to memorise four samples answers
+    them exactly, from prompts built by the processor and decoded by the policy's generator."""
+    data_root, entries = annotated
+    entries = entries[:4]
+    tokenizer, model, processor = toy_model(entries)
+    data = toy_data(entries, data_root, tokenizer, model)
+    log = train_model(model, data, ImageNormalizer(processor.image_processor, CPU), device=CPU, batch_size=4,
+                      lr=5e-3, warmup_steps=10, max_steps=200, progress=False)
+    assert log["history"][-1]["answer_token_accuracy"] == 1.0
+    save_checkpoint(model, processor, tmp_path / "model", {})
+    loaded = load_llava(tmp_path / "model", device="cpu")
+    loaded.tokenizer.padding_side = "left"
+    for entry in entries:
+        question, answer = conversation_turns(entry)
+        with Image.open(data_root / entry["image"]) as image:
+            inputs = loaded.processor(images=[image.convert("RGB")], text=[codec.build_prompt(question)],
+                                      return_tensors="pt")
+        assert generate_text(loaded, inputs, max_new_tokens=80, constrained=True) == [answer]
+
+
+def test_recipe_end_to_end_at_toy_scale(tmp_path):
+    out, export = tmp_path / "run", tmp_path / "export"
+    llarva_main(["train-small", "--task", TASK, "--out", str(out), "--export", str(export), "--size", "toy",
+                 "--demos", "2", "--max-steps", "3", "--batch-size", "8", "--eval-episodes", "1",
+                 "--eval-num-envs", "1", "--eval-episode-length", "3"])
+
+    assert sorted(p.name for p in export.iterdir()) == [
+        f"train_small_{TASK}.json", f"train_small_{TASK}_eval.json", f"train_small_{TASK}_expert.json",
+        f"train_small_{TASK}_model.tar", f"train_small_{TASK}_rollout.mp4"]
+    summary = json.loads((export / f"train_small_{TASK}.json").read_text())
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["options"]["demos"] == 2 and summary["training"]["steps"] == 3
+    assert summary["training"]["stopped_by"] == "steps" and summary["model"]["image_tokens"] == 16
+    assert summary["eval"]["episodes"] == 1 and summary["eval"]["parse_errors"] == 0
+    assert summary["expert"]["episodes"] == 1
+    results = json.loads((export / f"train_small_{TASK}_eval.json").read_text())
+    expert = json.loads((export / f"train_small_{TASK}_expert.json").read_text())
+    assert [r["reset_seed"] for r in results["episodes"]] == [r["reset_seed"] for r in expert["episodes"]]
+    with tarfile.open(export / f"train_small_{TASK}_model.tar") as tar:
+        assert f"train_small_{TASK}_model/config.json" in tar.getnames()
+
+    # The tokenizer was trained on the annotation text: the one built from it, not the built-in one.
+    model_dir = out / MODEL_DIR
+    saved = load_llava(model_dir, device="cpu").tokenizer
+    entries = load_annotations(out / "annotations.json", out / "data")
+    texts = [codec.build_conversation_text(*conversation_turns(e)) for e in entries]
+    assert saved.get_vocab() == build_tokenizer(corpus_texts=texts).get_vocab()
+    assert saved.get_vocab() != build_tokenizer().get_vocab()
+    # Saved in bf16, in transformers' layout; LlarvaPolicy loads it and acts.
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch.bfloat16}
+    policy = LlarvaPolicy.from_pretrained(model_dir, device="cpu", constrained=True)
+    env = gym.make(f"llarva/{TASK}")
+    observation, _ = env.reset(seed=0)
+    action, _ = policy.predict(observation)
+    env.close()
+    assert action.shape == (8,) and np.isfinite(action).all() and policy.last_info[0]["parse_error"] is None
+
+    # A rerun keeps the finished model and continues the evaluation: one more episode, run in a
+    # fresh process (as after training on a GPU, where a forked env worker could not render).
+    info = json.loads((model_dir / TRAINING_FILE).read_text())
+    assert info["finished"] is True
+    rerun = train_small(TASK, out, size="toy", demos=2, max_steps=3, batch_size=8, eval_episodes=2,
+                        eval_num_envs=1, eval_episode_length=3, expert_baseline=False, isolate_evaluation=True,
+                        export=export, progress=False)
+    assert "reused" in rerun["stages"]["training"]
+    assert rerun["eval"]["episodes"] == 2 and rerun["eval"]["parse_errors"] == 0
+    rerun_results = json.loads((export / f"train_small_{TASK}_eval.json").read_text())
+    assert [r["index"] for r in rerun_results["episodes"]] == [0, 1]
+    assert rerun_results["episodes"][0] == results["episodes"][0]     # kept, not run again
