@@ -11,6 +11,7 @@ contacts that let the lid rest still).
 import numpy as np
 
 from llarva_gym.backends.mujoco.task import COLORS, GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, sample_separated
+from llarva_gym.backends.mujoco.tasks.open_drawer import yaw_matrix
 
 JAR_RADIUS, JAR_HEIGHT = 0.035, 0.08
 NECK_RADIUS, NECK_TOP = 0.026, 0.095      # the mouth, above the table
@@ -31,20 +32,20 @@ def _jar(name: str) -> str:
       </body>"""
 
 
-def _yaw(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+def wrist_angle(yaw: float, point) -> float:
+    """About where joint 7 (the wrist, limits +-2.9 rad) sits with the gripper pointing down,
+    turned by `yaw` about the vertical (0: GRIPPER_DOWN), its tip at `point` (measured on the
+    expert's motions). Expert plans pick among equivalent grips the one that keeps it small: a
+    wrist driven into its limit stalls the straight-line motion."""
+    bearing = np.arctan2(point[1], point[0] + 0.3)   # of the point, seen from the robot's base
+    return 0.785 - yaw + 1.5 * bearing
 
 
 def wrist_yaw(points, turn: float = 0.0) -> float:
-    """A gripper yaw (about the vertical) to hold at all `points` and then turn by `turn` at the last,
-    that keeps the wrist (joint 7) furthest from its limits. Pointing down, joint 7 sits near
-    0.785 - yaw + 1.5 * (bearing of the point from the robot's base)."""
-    bearings = [np.arctan2(p[1], p[0] + 0.3) for p in points]
-
+    """A gripper yaw to hold at all `points` and then turn by `turn` at the last, that keeps the
+    wrist furthest from its limits."""
     def worst(yaw):
-        wrists = [0.785 - yaw + 1.5 * b for b in bearings] + [0.785 - yaw - turn + 1.5 * bearings[-1]]
-        return max(abs(w) for w in wrists)
+        return max([abs(wrist_angle(yaw, p)) for p in points] + [abs(wrist_angle(yaw + turn, points[-1]))])
 
     return min(np.linspace(-np.pi, np.pi, 73), key=worst)
 
@@ -96,7 +97,7 @@ class CloseJar(Task):
         on_jar = jar + np.array([0.0, 0.0, NECK_TOP + LID_HALF_HEIGHT + 0.002])
         above_jar = on_jar + np.array([0.0, 0.0, 0.05])
         yaw = wrist_yaw([lid, above_jar], SCREW_TURN)
-        hold, screwed = _yaw(yaw) @ GRIPPER_DOWN, _yaw(yaw + SCREW_TURN) @ GRIPPER_DOWN
+        hold, screwed = yaw_matrix(yaw) @ GRIPPER_DOWN, yaw_matrix(yaw + SCREW_TURN) @ GRIPPER_DOWN
         up = np.array([0.0, 0.0, 0.08])
         return [
             Waypoint(lid + up, hold, 1.0, speed=0.6),

@@ -13,6 +13,7 @@ import numpy as np
 
 from llarva_gym.backends.mujoco.task import COLORS, GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, sample_separated
 from llarva_gym.backends.mujoco.tasks.close_jar import wrist_yaw
+from llarva_gym.backends.mujoco.tasks.open_drawer import yaw_matrix
 
 HOLDER_RADIUS, HOLDER_HEIGHT = 0.032, 0.05
 HOLDER_FLOOR = 0.03            # a bulb's base stands this high in its holder
@@ -42,11 +43,6 @@ def _bulb(i: int) -> str:
         <geom type="cylinder" size="{BASE_RADIUS} {BASE_HEIGHT / 2}" pos="0 0 {BASE_HEIGHT / 2}" rgba="{METAL}" contype="0" conaffinity="0" mass="0"/>
         <geom name="bulb{i}" type="sphere" size="{GLASS_RADIUS}" pos="0 0 {GLASS_CENTRE}" rgba="0.95 0.95 0.9 1" contype="0" conaffinity="0" mass="0"/>
       </body>"""
-
-
-def _yaw(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 class LightBulbIn(Task):
@@ -101,7 +97,7 @@ class LightBulbIn(Task):
         in_socket = self.body_position("lamp") + np.array([0.0, 0.0, SOCKET_FLOOR + GLASS_CENTRE + 0.002])
         above_lamp = in_socket + np.array([0.0, 0.0, 0.05])
         yaw = wrist_yaw([glass, above_lamp], SCREW_TURN)
-        hold, screwed = _yaw(yaw) @ GRIPPER_DOWN, _yaw(yaw + SCREW_TURN) @ GRIPPER_DOWN
+        hold, screwed = yaw_matrix(yaw) @ GRIPPER_DOWN, yaw_matrix(yaw + SCREW_TURN) @ GRIPPER_DOWN
         up = np.array([0.0, 0.0, 0.08])
         return [
             Waypoint(glass + up, hold, 1.0, speed=0.6),

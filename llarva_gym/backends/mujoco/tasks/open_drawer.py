@@ -101,7 +101,7 @@ def sample_chest_pose(rng: np.random.Generator) -> tuple[np.ndarray, float]:
     # robot it opens into the arm's base: the chest stands nearer or further so that the pulled
     # handle stays where the arm reaches it.
     x = rng.uniform(0.1, 0.22) - 0.2 * np.sin(yaw)
-    return np.array([x, rng.uniform(0.2, 0.28), TABLE_HEIGHT + 0.0005]), yaw
+    return np.array([x, rng.uniform(0.1, 0.18), TABLE_HEIGHT + 0.0005]), yaw
 
 
 def place_chest(task: Task, position: np.ndarray, yaw: float) -> None:

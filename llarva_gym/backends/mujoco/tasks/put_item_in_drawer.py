@@ -11,7 +11,7 @@ import numpy as np
 from llarva_gym.backends.mujoco.robot import rotation_error
 from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, Task, Waypoint
 from llarva_gym.backends.mujoco.tasks.open_drawer import (
-    CHEST_HEIGHT, OPTIONS, PULL, TRAY_DEPTH, TRAY_HALF_WIDTH, WALL_HEIGHT, bay_bottom,
+    CHEST_HEIGHT, OPTIONS, TRAY_DEPTH, TRAY_HALF_WIDTH, WALL_HEIGHT, bay_bottom,
     chest_frame, chest_xml, handle_waypoints, place_chest, sample_chest_pose, yaw_matrix)
 
 ITEM_HALF = 0.02
@@ -75,12 +75,20 @@ class PutItemInDrawer(Task):
         downs = [yaw_matrix(yaw + turn) @ GRIPPER_DOWN for turn in (np.pi / 2, -np.pi / 2)]
         down = min(downs, key=lambda r: np.linalg.norm(rotation_error(level, r)))
         item = self.body_position("item")
+        backed_off = pulled + 0.04 * out + np.array([0, 0, 0.03])   # fingers clear of the handle
+        # Up, and to a comfortable distance from the robot's base, before turning the gripper down:
+        # a drawer pulled towards the camera leaves the arm stretched, one pulled towards the
+        # robot leaves it folded, and either way turning the wrist there is awkward.
+        radial = backed_off[:2] - ROBOT_BASE
+        distance = np.linalg.norm(radial)
+        turn_at = np.r_[ROBOT_BASE + radial * np.clip(distance, 0.42, 0.52) / distance, backed_off[2] + 0.07]
         carry_height = origin[2] + CHEST_HEIGHT + ITEM_HALF + 0.06
         drop = origin + rotation @ np.array([0.0, DROP_AT, bay_bottom(index) + 0.012 + ITEM_HALF + 0.012])
         above_drop = np.array([drop[0], drop[1], carry_height])
         return open_drawer + [
             Waypoint(pulled, level, 1.0, speed=0.2),                         # let go of the handle
-            Waypoint(pulled + 0.06 * out, level, 1.0, speed=0.4),            # back off
+            Waypoint(backed_off, level, 1.0, speed=0.4),
+            Waypoint(turn_at, level, 1.0, speed=0.5),
             Waypoint(item + np.array([0, 0, 0.07]), down, 1.0, speed=0.6),   # above the block
             Waypoint(item, down, 0.0, speed=0.25),                           # grasp
             Waypoint(np.array([item[0], item[1], carry_height]), down, 0.0, speed=0.3),

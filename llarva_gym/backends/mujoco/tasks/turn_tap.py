@@ -10,11 +10,13 @@ JointCondition. The expert grasps the lever from above at its hinge and turns th
 import numpy as np
 
 from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint
+from llarva_gym.backends.mujoco.tasks.close_jar import wrist_angle
+from llarva_gym.backends.mujoco.tasks.open_drawer import yaw_matrix
 
 OPTIONS = ("left", "right")
-HANDLE_Y = 0.1        # the handles' distance from the tap's middle
-HANDLE_Z = 0.09       # height of the levers' hinges above the table
-LEVER_HALF = (0.045, 0.009, 0.008)
+HANDLE_Y = 0.12       # the handles' distance from the tap's middle
+HANDLE_Z = 0.1        # height of the levers' hinges above the table
+LEVER_HALF = (0.05, 0.01, 0.009)
 TURN_THRESHOLD = 1.57  # RLBench: JointCondition(joint, 1.57)
 TURN = 1.75            # how far the expert turns (rad)
 METAL = "0.72 0.74 0.78 1"
@@ -25,15 +27,10 @@ def _handle(option: str, side: float) -> str:
     return f"""
       <body name="tap_{option}" pos="0 {side * HANDLE_Y} {HANDLE_Z}">
         <joint name="{option}_joint" type="hinge" axis="0 0 1" range="-3 3" damping="0.02" frictionloss="0.02" armature="0.002"/>
-        <geom type="cylinder" size="0.013 {hz}" pos="0 0 {hz}" rgba="{METAL}"/>
+        <geom type="cylinder" size="0.015 {hz}" pos="0 0 {hz}" rgba="{METAL}"/>
         <geom name="tap_{option}_lever" type="box" size="{hx} {hy} {hz}" pos="0 0 {hz}" rgba="{METAL}"/>
-        <geom type="sphere" size="0.011" pos="{-hx} 0 {hz}" rgba="{METAL}"/>
+        <geom type="sphere" size="0.013" pos="{-hx} 0 {hz}" rgba="{METAL}"/>
       </body>"""
-
-
-def _yaw(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def _wrap(angle: float) -> float:
@@ -49,12 +46,12 @@ class TurnTap(Task):
     xml = f"""
     <worldbody>
       <body name="tap" mocap="true">
-        <geom type="box" size="0.04 0.14 0.008" pos="0 0 0.008" rgba="0.5 0.5 0.53 1" contype="0" conaffinity="0"/>
-        <geom type="cylinder" size="0.018 0.065" pos="0 0 0.08" rgba="{METAL}" contype="0" conaffinity="0"/>
-        <geom type="capsule" fromto="0 0 0.13 -0.1 0 0.13" size="0.012" rgba="{METAL}" contype="0" conaffinity="0"/>
-        <geom type="capsule" fromto="-0.1 0 0.13 -0.1 0 0.105" size="0.012" rgba="{METAL}" contype="0" conaffinity="0"/>
-        <geom type="cylinder" size="0.016 {HANDLE_Z / 2}" pos="0 {HANDLE_Y} {HANDLE_Z / 2}" rgba="{METAL}" contype="0" conaffinity="0"/>
-        <geom type="cylinder" size="0.016 {HANDLE_Z / 2}" pos="0 {-HANDLE_Y} {HANDLE_Z / 2}" rgba="{METAL}" contype="0" conaffinity="0"/>
+        <geom type="box" size="0.05 0.165 0.01" pos="0 0 0.01" rgba="0.5 0.5 0.53 1" contype="0" conaffinity="0"/>
+        <geom type="cylinder" size="0.024 0.08" pos="0 0 0.1" rgba="{METAL}" contype="0" conaffinity="0"/>
+        <geom type="capsule" fromto="0 0 0.165 -0.12 0 0.165" size="0.015" rgba="{METAL}" contype="0" conaffinity="0"/>
+        <geom type="capsule" fromto="-0.12 0 0.165 -0.12 0 0.135" size="0.015" rgba="{METAL}" contype="0" conaffinity="0"/>
+        <geom type="cylinder" size="0.018 {HANDLE_Z / 2}" pos="0 {HANDLE_Y} {HANDLE_Z / 2}" rgba="{METAL}" contype="0" conaffinity="0"/>
+        <geom type="cylinder" size="0.018 {HANDLE_Z / 2}" pos="0 {-HANDLE_Y} {HANDLE_Z / 2}" rgba="{METAL}" contype="0" conaffinity="0"/>
         {_handle("left", 1.0)}
         {_handle("right", -1.0)}
       </body>
@@ -81,12 +78,10 @@ class TurnTap(Task):
 
     def _grip_and_turn(self, lever_yaw: float, hinge: np.ndarray) -> tuple[float, float]:
         """The gripper's yaw at the grasp and the signed turn: of the two grasps across the lever
-        (half a turn apart) and the two directions, the one that keeps the wrist (joint 7) furthest
-        from its limits. Joint 7 sits near 0.785 - yaw + 1.5 * (bearing of the point from the base)."""
-        bearing = np.arctan2(hinge[1], hinge[0] + 0.3)
-
+        (half a turn apart) and the two directions, the one that keeps the wrist furthest from its
+        limits (RLBench counts a turn either way)."""
         def worst_wrist(yaw0, turn):
-            return max(abs(0.785 - yaw + 1.5 * bearing) for yaw in (yaw0, yaw0 + turn / 2, yaw0 + turn))
+            return max(abs(wrist_angle(yaw, hinge)) for yaw in (yaw0, yaw0 + turn / 2, yaw0 + turn))
 
         options = [(_wrap(lever_yaw + half), direction * TURN) for half in (0.0, np.pi) for direction in (1, -1)]
         return min(options, key=lambda option: worst_wrist(*option))
@@ -97,7 +92,7 @@ class TurnTap(Task):
         grasp = hinge + np.array([0.0, 0.0, LEVER_HALF[2]])
         # The lever lies along the tap's x axis; the fingers close across it.
         yaw0, turn = self._grip_and_turn(self.yaw, hinge)
-        start, end = _yaw(yaw0) @ GRIPPER_DOWN, _yaw(yaw0 + turn) @ GRIPPER_DOWN
+        start, end = yaw_matrix(yaw0) @ GRIPPER_DOWN, yaw_matrix(yaw0 + turn) @ GRIPPER_DOWN
         above = np.array([0.0, 0.0, 0.07])
         return [
             Waypoint(grasp + above, start, 1.0, speed=0.6),
