@@ -7,19 +7,9 @@ The model has LLaVA-1.5-7B's architecture with random weights, built directly on
 checkpoint on disk). Prompts are real LLARVA prompts (codec: instruction, five-step joint history,
 one 128x128 image). Answers are forced to `--new-tokens` tokens (64) in the timed rows: EOS is
 suppressed (generate: `min_new_tokens`, FastGenerator: `ignore_eos`), unconstrained, so both engines
-do exactly the same work: the apples-to-apples comparison with generate.
-
-The constrained rows show the policy's real path: constrained action answers that stop at EOS, with
-a budget (`--constrained-tokens`, 96) no answer reaches, so answers have their own length (a random
-model under the grammar writes 60-69 tokens; real demo answers average 64). `+constrained` feeds
-one token per decode step; `+constrained+multi-token` feeds the tokens the grammar forces ("."
-after the integer digit, "," after a fourth decimal, EOS after "]") in the step of the token
-before them. Both report `sequential_steps` (decode forwards after the prefill, the longest row's)
-and `first_call_seconds` (capture, and compile of that step width); multi-token rows also say
-whether their tokens are the one-token-per-step row's (they must be: a forced token is the only
-allowed one). Every constrained answer is checked to parse. `demo_like_answers` in the JSON counts
-tokens and sequential steps of demo-like answers (seven velocities with four decimals, gripper
-1.0 or 0.0) without running the model.
+do exactly the same work. The `+constrained` rows show the policy's real path (constrained action
+answers that stop at EOS, at most `--new-tokens`); a random model rarely closes early, so they run
+to about the budget. Every constrained answer is checked to parse.
 
 Rows: seconds per generate call (one action per environment), actions/s = batch / seconds,
 prefill seconds (a call with one new token: vision tower, projector, prompt), decode ms/token =
@@ -30,28 +20,11 @@ in another order).
 
 Before timing, a tiny float32 model on the same device checks the fast path (CUDA graphs and
 eager) against generate token for token (`sanity_check` in the JSON). Then generate and the
-uncompiled fast path (`compile=False`; FastGenerator compiles by default on CUDA) run for every
-batch size, and the torch.compile variant last (each batch size and step width compiles for about
-40 s on 7B: `first_call_seconds`). A failing variant is recorded with its error and the run
+uncompiled fast path run for every batch size, and the torch.compile variant last (each batch
+size compiles for about a minute on 7B). A failing variant is recorded with its error and the run
 goes on; CUDA-graph capture or compile failures fall back to eager with the reason printed. The
 JSON (default benchmarks/results/policy_latency_fast_<size>_<device>.json) is rewritten after
-every row. `vision_tower_seconds` (fast rows) times CLIP + projector alone, a part of the prefill.
-
-Notes: predictions for issue 6, round 2 (7B, bf16, H100; round-1 figures in
-results/policy_latency_fast_7b_h100.json), written before measuring; see
-results/NOTES-generation.md for the reasoning and the measured outcome.
-  * multi-token constrained decoding: a demo-like answer needs 44 sequential steps instead of 59
-    (-25%). A step of 3 tokens per row costs about what a 1-token step costs (memory-bound:
-    weights and K/V are read once either way): b1 compiled ~0.056 + 44 x 6.7 ms = 0.35 s/action
-    (target 0.40); b16 compiled ~0.48 + 44 x 9.5 ms = 0.90 s, 17-18 actions/s (target 20).
-  * compile on by default on CUDA: b1 8.4 -> 6.5 ms/token, b16 11.7 -> 9.0 ms/token as measured in
-    round 1; costs ~40 s per (batch size, step width) on first use.
-  * the b16 prefill (0.48 s for 16 x 920 tokens, about 2.1e14 FLOP: ~440 TFLOP/s) is GEMM-bound
-    already; nothing cheap left there (vision tower expected ~10-20 ms of it, padding waste <1%).
-
-Suggested H100 run (about 5-6 minutes):
-    python benchmarks/policy_latency_fast.py --batch-sizes 1,16 --repeats 3 \
-        --out benchmarks/results/policy_latency_fast_7b_h100_round2.json
+every row.
 """
 
 from __future__ import annotations
@@ -142,7 +115,7 @@ def sanity_check(device: torch.device, new_tokens: int) -> dict:
     expected = expected[:, inputs["input_ids"].shape[1]:]
     report = {}
     for graphs in ([True, False] if device.type == "cuda" else [False]):
-        generator = FastGenerator(loaded, use_cuda_graphs=graphs, compile=False)   # exact: no fused kernels
+        generator = FastGenerator(loaded, use_cuda_graphs=graphs)
         got = generator.generate(inputs, max_new_tokens=new_tokens)
         texts = tokenizer.batch_decode(generator.generate(inputs, max_new_tokens=64, constrained=True),
                                        skip_special_tokens=True)
@@ -159,51 +132,6 @@ def sanity_check(device: torch.device, new_tokens: int) -> dict:
     return report
 
 
-def constrained_summary(loaded: LoadedLlava, answer_tokens: torch.Tensor) -> dict:
-    """Mean answer length in tokens, how many answers parse, and an example."""
-    tokenizer = loaded.tokenizer
-    texts = tokenizer.batch_decode(answer_tokens, skip_special_tokens=True)
-    parsed = 0
-    for text in texts:
-        try:
-            codec.parse_answer(text)
-            parsed += 1
-        except codec.AnswerParseError:
-            pass
-    lengths = (answer_tokens != tokenizer.pad_token_id).sum(dim=1).float()
-    return {"tokens": round(float(lengths.mean()), 1), "parsed": f"{parsed}/{len(texts)}", "example": texts[0][:120]}
-
-
-def demo_like_answers(loaded: LoadedLlava, count: int = 200, seed: int = 0) -> dict:
-    """Tokens and sequential decode steps of demo-like answers, counted on the grammar (no model):
-    seven joint velocities (normal, 0.3 rad/s, clipped to +-2.6) printed with up to four decimals,
-    then the gripper (1.0 or 0.0). One token per step: every answer token after the prompt's fixed
-    words but the last (EOS) takes a step; with forced chunks, only the tokens the grammar leaves
-    a choice for do."""
-    grammar = action_grammar_for(loaded).to("cpu")
-    tokenizer = loaded.tokenizer
-    rng = np.random.default_rng(seed)
-    question = codec.build_question(INSTRUCTIONS[0], codec.format_history([[0.1] * 7]))
-    prompt_ids = tokenizer.encode(codec.build_prompt(question))
-    lengths, plain_steps, chunked_steps = [], [], []
-    for _ in range(count):
-        action = [*np.clip(rng.normal(0, 0.3, 7), -2.6, 2.6), float(rng.integers(0, 2))]
-        ids = tokenizer.encode(codec.build_conversation_text(question, codec.format_answer(action)))[len(prompt_ids):]
-        state, chosen = 0, 0
-        for token_id in ids:
-            if state >= grammar.after_forced and int(grammar.forced_token[state]) < 0:
-                chosen += 1
-            state = int(grammar.next_state[state, token_id])
-        assert state == grammar.finished_state, "a demo-like answer the grammar does not accept"
-        lengths.append(len(ids))
-        plain_steps.append(len(ids) - len(grammar.forced_ids) - 1)
-        chunked_steps.append(chosen - 1)
-    return {"count": count, "tokens_mean": round(float(np.mean(lengths)), 1),
-            "steps_one_token_per_step": round(float(np.mean(plain_steps)), 1),
-            "steps_forced_chunks": round(float(np.mean(chunked_steps)), 1),
-            "example": codec.format_answer(action)}
-
-
 def write_json(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".json.tmp")
@@ -218,8 +146,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--constrained-tokens", type=int, default=96,
-                        help="max_new_tokens of the constrained rows: more than any answer needs (at most 69)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", default=None, choices=("off", "on", "both"),
                         help="FastGenerator variants: without torch.compile (off), with it (on), or both; "
@@ -279,8 +205,6 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    result["demo_like_answers"] = demo_like_answers(loaded)
-    print(f"demo-like answers: {result['demo_like_answers']}")
     if not args.skip_check:
         try:
             result["sanity_check"] = sanity_check(device, 32)
@@ -320,12 +244,10 @@ def main(argv=None) -> dict:
                                     device, warmup=1, repeats=args.repeats)
             prefill_seconds, _ = timed(lambda: generator.generate(inputs, max_new_tokens=1), device,
                                        warmup=1, repeats=args.repeats)
-            vision_seconds, _ = timed(lambda: loaded.model.model.get_image_features(
-                pixel_values=inputs["pixel_values"]), device, warmup=1, repeats=args.repeats)
             row = {"method": name, "mode": generator.mode, "fallback_reason": generator.fallback_reason,
                    "batch": batch, "prompt_tokens": prompt_tokens, "seconds": round(seconds, 4),
                    "actions_per_second": round(batch / seconds, 2), "tokens": int(tokens.shape[1]),
-                   "prefill_seconds": round(prefill_seconds, 4), "vision_tower_seconds": round(vision_seconds, 4),
+                   "prefill_seconds": round(prefill_seconds, 4),
                    "decode_ms_per_token": round(1000 * (seconds - prefill_seconds) / max(1, new_tokens - 1), 3),
                    "first_call_seconds": round(warmup_seconds, 2)}
             if batch in hf_by_batch:
@@ -339,32 +261,25 @@ def main(argv=None) -> dict:
                 print(f"  NOTE {name}: {generator.fallback_reason}")
             record(row)
 
-            # The policy's real path: constrained action answers that stop at EOS, one token per
-            # decode step, then with the forced tokens in the step before them.
-            one_per_step = None
-            for chunks in (False, True):
-                def run_constrained():
-                    return generator.generate(inputs, max_new_tokens=args.constrained_tokens, constrained=True,
-                                              forced_chunks=chunks)
-                first = time.perf_counter()
-                run_constrained()                      # captures (and compiles) this step width
-                first_seconds = time.perf_counter() - first
-                constrained_seconds, answer_tokens = timed(run_constrained, device, warmup=1, repeats=args.repeats)
-                row = {"method": name + "+constrained" + ("+multi-token" if chunks else ""), "mode": generator.mode,
-                       "batch": batch, "prompt_tokens": prompt_tokens, "seconds": round(constrained_seconds, 4),
-                       "actions_per_second": round(batch / constrained_seconds, 2),
-                       **constrained_summary(loaded, answer_tokens),
-                       "sequential_steps": generator.last_decode_steps,
-                       "first_call_seconds": round(first_seconds, 2),
-                       "forced_prefix_tokens": len(action_grammar_for(loaded).forced_ids)}
-                if chunks:
-                    plain_seconds, plain_tokens, plain_steps = one_per_step
-                    row["speedup_vs_one_token_per_step"] = round(plain_seconds / constrained_seconds, 3)
-                    row["steps_saved"] = plain_steps - generator.last_decode_steps
-                    row["same_tokens_as_one_token_per_step"] = bool(torch.equal(answer_tokens, plain_tokens))
-                else:
-                    one_per_step = (constrained_seconds, answer_tokens, generator.last_decode_steps)
-                record(row)
+            # The policy's real path: constrained action answers that stop at EOS.
+            def run_constrained():
+                return generator.generate(inputs, max_new_tokens=new_tokens, constrained=True)
+            constrained_seconds, answer_tokens = timed(run_constrained, device, warmup=1, repeats=args.repeats)
+            texts = tokenizer.batch_decode(answer_tokens, skip_special_tokens=True)
+            parsed = 0
+            for text in texts:
+                try:
+                    codec.parse_answer(text)
+                    parsed += 1
+                except codec.AnswerParseError:
+                    pass
+            lengths = (answer_tokens != tokenizer.pad_token_id).sum(dim=1).float()
+            record({"method": name + "+constrained", "mode": generator.mode, "batch": batch,
+                    "prompt_tokens": prompt_tokens, "seconds": round(constrained_seconds, 4),
+                    "actions_per_second": round(batch / constrained_seconds, 2),
+                    "tokens": round(float(lengths.mean()), 1), "parsed": f"{parsed}/{batch}",
+                    "forced_prefix_tokens": len(action_grammar_for(loaded).forced_ids),
+                    "example": texts[0][:120]})
         finally:
             generator.release()
             del generator
@@ -400,8 +315,8 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'method':<36} {'mode':<20} {'batch':>5} {'prompt':>6} {'tokens':>6} {'steps':>5} {'s/call':>8} "
-          f"{'actions/s':>9} {'prefill s':>9} {'ms/token':>8} {'vs hf':>6} {'same tokens':>11}")
+    print(f"\n{'method':<24} {'mode':<20} {'batch':>5} {'prompt':>6} {'tokens':>6} {'s/call':>8} {'actions/s':>9} "
+          f"{'prefill s':>9} {'ms/token':>8} {'vs hf':>6} {'same tokens':>11}")
     for row in result["rows"]:
         def cell(key, fmt):
             value = row.get(key)
@@ -410,9 +325,8 @@ def print_table(result: dict) -> None:
         match = row.get("rows_matching") or row.get("parsed", "")
         if "parsed" in row:
             match = f"parsed {match}"
-        print(f"{row['method']:<36} {row.get('mode', 'hf'):<20} {row['batch']:>5} {row['prompt_tokens']:>6} "
-              f"{cell('tokens', ''):>6} {cell('sequential_steps', ''):>5} {cell('seconds', '.3f'):>8} "
-              f"{cell('actions_per_second', '.2f'):>9} "
+        print(f"{row['method']:<24} {row.get('mode', 'hf'):<20} {row['batch']:>5} {row['prompt_tokens']:>6} "
+              f"{cell('tokens', ''):>6} {cell('seconds', '.3f'):>8} {cell('actions_per_second', '.2f'):>9} "
               f"{cell('prefill_seconds', '.3f'):>9} {cell('decode_ms_per_token', '.2f'):>8} "
               f"{cell('speedup_vs_hf', '.2f'):>6} {match:>11}")
     for error in result["errors"]:

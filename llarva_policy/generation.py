@@ -10,9 +10,7 @@
     2. that cache is copied into preallocated K/V tensors of fixed length (a static cache);
     3. each new token is one decode step of the LANGUAGE MODEL only (`model.model.language_model`
        + `model.lm_head`), written here with fixed shapes so that on CUDA it is captured once per
-       batch size as a CUDA graph and replayed (on CPU the same code runs eagerly); on CUDA it is
-       also compiled with `torch.compile` first (about 40 s per batch size on first use for 7B;
-       LLARVA_FAST_COMPILE=0 or `FastGenerator(compile=False)` turns that off).
+       batch size as a CUDA graph and replayed (on CPU the same code runs eagerly).
   Greedy tokens are the same as `generate`'s (tests/test_generation.py checks it on batches of
   left-padded prompts of different lengths).
 
@@ -23,10 +21,6 @@ fixed words are forced as the tokenizer writes them after the prompt (the fast p
 with the prompt, in the one prefill forward), and at every later step only the tokens that keep
 the text a prefix of a valid answer are allowed, with a budget rule that always leaves room to
 close the answer within `max_new_tokens`. So every answer parses, even from a random model.
-The tokens the grammar forces inside the answer ("." after the one integer digit, "," after a
-fourth decimal, "]" and EOS at the end) cost the fast path no decode step of their own: they go
-into the step of the token before them, a real answer (about 64 tokens) taking about 44 sequential
-decode steps instead of 59.
 It covers the action answer only; answers with a visual trace are decoded unconstrained.
 
 All decoding here is greedy (LLARVA evaluates greedily).
@@ -35,8 +29,6 @@ All decoding here is greedy (LLARVA evaluates greedily).
 from __future__ import annotations
 
 import inspect
-import os
-import re
 import warnings
 from dataclasses import dataclass
 
@@ -114,10 +106,7 @@ def _processor_list(logits_processor) -> LogitsProcessorList | None:
 # ---------------------------------------------------------------------------------------------
 
 _DIGITS = "0123456789"
-# One integer digit: the Panda's joint velocities are within 2.61 rad/s and the gripper is 0 or 1,
-# and the policy clips to those bounds anyway. It also makes the "." after that digit a forced
-# token, which the fast path feeds without a decode step of its own.
-MAX_INTEGER_DIGITS = 1
+MAX_INTEGER_DIGITS = 3     # |value| < 1000: joint velocities are a few rad/s, the gripper 0 or 1
 
 
 @dataclass
@@ -129,17 +118,12 @@ class ActionGrammar:
     token t in state s, or -1 where t is not allowed. `tokens_to_finish[s]` is the fewest tokens
     from s to the end of the answer, EOS included: a token is allowed only if what is left of
     `max_new_tokens` still covers that, so the answer always closes in time.
-    `forced_token[s]` is the one token state s allows, or -1 where it allows several: such tokens
-    (the "." after the integer digit, the "," after a fourth decimal, "]" and EOS at the end) need
-    no choice, so the fast path feeds them in the same decode step as the token before them.
     """
 
     forced_ids: list[int]
     next_state: torch.Tensor        # (num_states, vocab) int64, -1 = not allowed
     tokens_to_finish: torch.Tensor  # (num_states,) int64
     finished_state: int
-    forced_token: torch.Tensor      # (num_states,) int64, -1 = a choice
-    longest_forced_run: int         # the most forced tokens in a row after the prompt's fixed words
 
     @property
     def after_forced(self) -> int:
@@ -152,15 +136,13 @@ class ActionGrammar:
 
     def to(self, device) -> ActionGrammar:
         return ActionGrammar(self.forced_ids, self.next_state.to(device), self.tokens_to_finish.to(device),
-                             self.finished_state, self.forced_token.to(device), self.longest_forced_run)
+                             self.finished_state)
 
-    def mask(self, scores: torch.Tensor, states: torch.Tensor, tokens_left) -> torch.Tensor:
+    def mask(self, scores: torch.Tensor, states: torch.Tensor, tokens_left: int) -> torch.Tensor:
         """`scores` (B, vocab) with every token not allowed in `states` (B,) set to -inf.
-        `tokens_left` (an int, or (B,) per row): how many tokens may still be generated, this one included."""
+        `tokens_left`: how many tokens may still be generated, this one included."""
         next_states = self.next_state[states]                              # (B, vocab)
         steps_after = self.tokens_to_finish[next_states.clamp(min=0)]
-        if isinstance(tokens_left, torch.Tensor):
-            tokens_left = tokens_left[:, None]
         allowed = (next_states >= 0) & (steps_after <= tokens_left - 1)
         return scores.masked_fill(~allowed[:, :scores.shape[1]], float("-inf"))
 
@@ -205,20 +187,11 @@ def build_action_grammar(tokenizer, vocab_size: int, *, template=codec.TRAINING,
     surfaces = tokenizer.batch_decode([[anchor, t] for t in range(len(tokenizer))], **plain)
     alphabet = set(literal) | set(_DIGITS + "-., ]")
     special_ids = set(tokenizer.all_special_ids)
-    # Byte-fallback tokens ("<0x2E>" for ".") spell the same characters as the ordinary tokens but
-    # never come out of the tokenizer: leaving them out keeps one spelling (and makes "." forced).
-    byte_token = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-    ordinary_surfaces = set()
-    candidates, byte_candidates = {}, {}
+    candidates = {}
     for token_id, text in enumerate(surfaces):
         surface = text[len(anchor_text):] if text.startswith(anchor_text) else None
         if surface and set(surface) <= alphabet and token_id not in special_ids:
-            if byte_token.fullmatch(tokenizer.convert_ids_to_tokens(token_id) or ""):
-                byte_candidates[token_id] = surface
-            else:
-                candidates[token_id] = surface
-                ordinary_surfaces.add(surface)
-    candidates.update({t: text for t, text in byte_candidates.items() if text not in ordinary_surfaces})
+            candidates[token_id] = surface
 
     # Character automaton over `literal` and the numbers; states are tuples, numbered below.
     def after(state, ch):
@@ -295,15 +268,7 @@ def build_action_grammar(tokenizer, vocab_size: int, *, template=codec.TRAINING,
             if state != finished and to_finish[target] + 1 < to_finish[state]:
                 to_finish[state] = to_finish[target] + 1
                 changed = True
-    allowed_count = (next_state >= 0).sum(dim=1)
-    forced_token = torch.where(allowed_count == 1, next_state.argmax(dim=1), -1)
-    longest_run = 0          # e.g. "]" after the last number's fourth decimal, then EOS: 2
-    for state in range(len(forced_ids), num_states):
-        run = 0
-        while forced_token[state] >= 0:
-            state, run = int(next_state[state, forced_token[state]]), run + 1
-        longest_run = max(longest_run, run)
-    return ActionGrammar(forced_ids, next_state, torch.tensor(to_finish), finished, forced_token, longest_run)
+    return ActionGrammar(forced_ids, next_state, torch.tensor(to_finish), finished)
 
 
 def action_grammar_for(loaded, template=codec.TRAINING) -> ActionGrammar:
@@ -372,14 +337,10 @@ def _has_submodule(module, path: str) -> bool:
         return False
 
 
-COMPILE_ENV = "LLARVA_FAST_COMPILE"     # "0": FastGenerator's default leaves torch.compile off on CUDA too
-
-
 def fast_generator_for(loaded) -> FastGenerator:
     """The `FastGenerator` of a loaded model: one, kept with it, as it holds the static caches and
     graphs (for 7B, 0.5 MB per cache slot and row: about 8 GB at batch 16 and 1,024 slots).
-    `fast_generator_for(loaded).release()` frees them. On CUDA its decode step is compiled (see
-    `FastGenerator`); `LLARVA_FAST_COMPILE=0` in the environment turns that off."""
+    `fast_generator_for(loaded).release()` frees them."""
     generator = loaded.__dict__.get("_fast_generator")
     if generator is None:
         generator = loaded.__dict__["_fast_generator"] = FastGenerator(loaded)
@@ -395,30 +356,20 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-class _StaticCache:
-    """The K/V of every layer for B rows at fixed addresses (one whole tensor per layer, which a
-    compiled step updates in place), and where each row stands in it."""
+class _DecodeStep:
+    """Everything one decode step for batch size B reads and writes, at fixed addresses (what a
+    CUDA graph replays), its own static K/V cache included: one whole tensor per layer, which a
+    compiled step updates in place."""
 
-    def __init__(self, batch: int, capacity: int, cache_shape: tuple, dtype, device):
+    def __init__(self, batch: int, capacity: int, vocab_size: int, cache_shape: tuple, dtype, device):
         num_layers, kv_heads, head_dim = cache_shape
         self.keys = [torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
                      for _ in range(num_layers)]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
-        self.slot = torch.zeros(batch, dtype=torch.long, device=device)            # each row's next free slot
+        self.token_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)      # the token to feed
+        self.slot = torch.zeros((), dtype=torch.long, device=device)               # its cache slot
         self.pad_count = torch.zeros(batch, dtype=torch.long, device=device)       # left padding per row
         self.valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # False on padding slots
-
-
-class _DecodeStep:
-    """What one decode step of `width` tokens per row reads and writes, at fixed addresses (what a
-    CUDA graph replays). Row b feeds `token_ids[b, :counts[b]]` (the rest is padding) into slots
-    `cache.slot[b]` onwards; `logits[b]` are those after its last real token."""
-
-    def __init__(self, cache: _StaticCache, width: int, vocab_size: int):
-        batch, device = cache.slot.shape[0], cache.slot.device
-        self.cache = cache
-        self.token_ids = torch.zeros(batch, width, dtype=torch.long, device=device)
-        self.counts = torch.ones(batch, dtype=torch.long, device=device)
         self.logits = torch.zeros(batch, vocab_size, dtype=torch.float32, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -427,30 +378,21 @@ class FastGenerator:
     """Greedy batched decoding with a static KV cache and, on CUDA, a CUDA-graph decode step.
 
     Cache layout: slot j of row b holds the j-th token of the left-padded input (prompt, then
-    generated tokens); padding slots are masked, and each row's rotary position is its slot minus
-    its padding. Rows share the prompt's slots, then each keeps its own next slot (constrained rows
-    move on by different numbers of tokens per step). Each batch size gets its own K/V tensors,
-    kept for later calls, and one captured step per step width (1 token, or a sampled token plus
-    the forced ones after it); all are rebuilt, longer, only when an input no longer fits (lengths
-    are rounded up to 128 slots).
+    generated tokens), so every row writes its next token to the same slot and one graph serves a
+    batch; padding slots are masked, and each row's rotary position is its slot minus its padding.
+    Each batch size gets its own K/V tensors and graph, kept for later calls; all of them are
+    rebuilt, longer, only when an input no longer fits (lengths are rounded up to 128 slots).
 
-    Constrained answers (`generate(constrained=True)`): after each sampled token, the tokens the
-    grammar then forces ("." after the integer digit, "," after a fourth decimal, "]" and EOS)
-    go into the SAME decode step (`forced_chunks=True`, the default), so an answer takes fewer
-    sequential steps; the tokens are the ones one step per token would give, as a forced token is
-    the argmax of a mask that allows only it. `last_decode_steps` counts the steps of the last call.
-
-    `use_cuda_graphs=None`: on CUDA devices. `compile=None`: on CUDA devices unless the environment
-    sets LLARVA_FAST_COMPILE=0; `compile=True` runs the decode step through `torch.compile` (fused
-    kernels) before capture: each new batch size, step width or cache length compiles again, about
-    40 s for 7B on an H100 (the first call of that shape pays it). If capture or compilation fails,
-    the generator goes on without it and says why in `fallback_reason` (and a warning).
+    `use_cuda_graphs=None`: on CUDA devices. `compile=True` also runs the decode step through
+    `torch.compile` (fused kernels) before capture; each new batch size or cache length then
+    compiles again (about a minute for 7B). If capture or compilation fails, the generator goes on
+    eagerly and says why in `fallback_reason` (and a warning).
 
     A captured graph reads the weights where they were at capture: in-place updates are seen, but
     after replacing parameter tensors (loading or merging other weights) call `release()`.
     """
 
-    def __init__(self, loaded, *, use_cuda_graphs: bool | None = None, compile: bool | None = None):
+    def __init__(self, loaded, *, use_cuda_graphs: bool | None = None, compile: bool = False):
         problem = fast_path_problem(loaded.model)
         if problem is not None:
             raise ValueError(f"FastGenerator cannot run this model: {problem}")
@@ -462,19 +404,15 @@ class FastGenerator:
         self.use_cuda_graphs = self.device.type == "cuda" if use_cuda_graphs is None else use_cuda_graphs
         if self.use_cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"use_cuda_graphs=True needs a CUDA model, this one is on {self.device}")
-        if compile is None:
-            compile = self.device.type == "cuda" and os.environ.get(COMPILE_ENV, "1") != "0"
         self.fallback_reason: str | None = None
         self._forward = self._decode_forward
         if compile:
             self._forward = torch.compile(self._decode_forward, dynamic=False)
         self.compiled = compile
-        self.last_decode_steps = 0             # decode steps (forwards after the prefill) of the last call
         self._capacity = 0                     # cache slots of every step: prompt + new tokens fit
         self._cos = self._sin = None           # (capacity, head_dim) rotary tables, by position
         self._slot_ids = None
-        self._caches: dict[int, _StaticCache] = {}                  # by batch size
-        self._steps: dict[tuple[int, int], _DecodeStep] = {}        # by (batch size, width)
+        self._steps: dict[int, _DecodeStep] = {}
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
             else "past_key_values"      # transformers renamed it in 5.x
 
@@ -490,7 +428,6 @@ class FastGenerator:
     def release(self) -> None:
         """Free the static caches and the graphs (they are rebuilt on the next `generate`)."""
         self._steps.clear()
-        self._caches.clear()
         self._capacity = 0
         self._cos = self._sin = self._slot_ids = None
 
@@ -498,14 +435,10 @@ class FastGenerator:
 
     @torch.inference_mode()
     def generate(self, inputs, *, max_new_tokens: int = 128, constrained: bool = False, template=codec.TRAINING,
-                 logits_processor=None, ignore_eos: bool = False, forced_chunks: bool | None = None) -> torch.Tensor:
+                 logits_processor=None, ignore_eos: bool = False) -> torch.Tensor:
         """The new tokens of each row, (B, n <= max_new_tokens), padded after EOS: `generate`'s
         output without the prompt. `ignore_eos`: never stop (benchmarks of fixed-length answers).
-        `logits_processor` (transformers' processors) runs eagerly on each sampled token's logits.
-        `forced_chunks` (with `constrained`): feed forced tokens in the step of the token before
-        them; None: unless a `logits_processor` is given, which then sees every token as with
-        `generate`. With both, the processor runs for sampled tokens only (a forced one cannot be
-        changed), and rows whose answers got ahead of others are padded on the right in its `input_ids`."""
+        `logits_processor` (transformers' processors) runs eagerly on each step's logits."""
         input_ids = inputs["input_ids"].to(self.device)
         attention_mask = inputs.get("attention_mask")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
@@ -522,7 +455,6 @@ class FastGenerator:
 
         forced = torch.empty(batch, 0, dtype=torch.long, device=self.device)
         grammar = states = None
-        width = 1                       # tokens per row and decode step
         if constrained:
             grammar = action_grammar_for(self.loaded, template)
             if max_new_tokens < grammar.min_new_tokens:
@@ -533,65 +465,46 @@ class FastGenerator:
             input_ids = torch.cat([input_ids, forced], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(forced)], dim=1)
             states = torch.full((batch,), grammar.after_forced, dtype=torch.long, device=self.device)
-            if forced_chunks or (forced_chunks is None and logits_processor is None):
-                width = 1 + grammar.longest_forced_run
         prompt_length = input_ids.shape[1]
         to_generate = max_new_tokens - forced.shape[1]
 
-        step = self._prepare(batch, prompt_length + to_generate + width, width)
-        cache = step.cache
-        logits, prefill_cache = self._prefill(input_ids, attention_mask, extra)
+        step = self._prepare(batch, prompt_length + to_generate)
+        logits, cache = self._prefill(input_ids, attention_mask, extra)
         for layer in range(len(self.language_model.layers)):
-            keys, values = _cache_layer(prefill_cache, layer)
-            cache.keys[layer][:, :, :prompt_length].copy_(keys)
-            cache.values[layer][:, :, :prompt_length].copy_(values)
-        del prefill_cache
-        cache.valid[:, :prompt_length].copy_(attention_mask.bool())
-        cache.valid[:, prompt_length:] = True
-        cache.pad_count.copy_((attention_mask == 0).sum(dim=1))
-        cache.slot.fill_(prompt_length)
+            keys, values = _cache_layer(cache, layer)
+            step.keys[layer][:, :, :prompt_length].copy_(keys)
+            step.values[layer][:, :, :prompt_length].copy_(values)
+        del cache
+        step.valid[:, :prompt_length].copy_(attention_mask.bool())
+        step.valid[:, prompt_length:] = True
+        step.pad_count.copy_((attention_mask == 0).sum(dim=1))
+        step.slot.fill_(prompt_length)
 
-        # Row b's answer so far is tokens[b, :written[b]]; the buffer has room for a chunk past the end.
-        tokens = torch.full((batch, to_generate + width), pad_id, dtype=torch.long, device=self.device)
-        written = torch.zeros(batch, dtype=torch.long, device=self.device)
+        tokens = torch.full((batch, to_generate), pad_id, dtype=torch.long, device=self.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        offsets = torch.arange(width, device=self.device)
-        self.last_decode_steps = 0
-        while True:
+        for t in range(to_generate):
             scores = logits
             if logits_processor is not None:
-                so_far = tokens[:, :int(written.max())]
-                scores = logits_processor(torch.cat([input_ids, so_far], dim=1), scores)
+                scores = logits_processor(torch.cat([input_ids, tokens[:, :t]], dim=1), scores)
             if ignore_eos:
                 scores = scores.clone()
                 scores[:, eos_id] = float("-inf")
             if grammar is not None:
-                scores = grammar.mask(scores, states, to_generate - written)
-            chunk = torch.full((batch, width), pad_id, dtype=torch.long, device=self.device)
-            chunk[:, 0] = torch.where(finished, pad_id, scores.argmax(dim=-1))
-            counts = torch.ones(batch, dtype=torch.long, device=self.device)
+                scores = grammar.mask(scores, states, to_generate - t)
+            next_tokens = torch.where(finished, pad_id, scores.argmax(dim=-1))
+            tokens[:, t] = next_tokens
             if grammar is not None:
-                states = grammar.advance(states, chunk[:, 0])
-                for i in range(1, width):       # the tokens that follow with no choice (finished rows: none)
-                    next_forced = grammar.forced_token[states]
-                    takes = next_forced >= 0
-                    chunk[:, i] = torch.where(takes, next_forced, pad_id)
-                    states = torch.where(takes, grammar.advance(states, next_forced.clamp(min=0)), states)
-                    counts += takes
-            tokens.scatter_(1, written[:, None] + offsets, chunk)
-            written += torch.where(finished, 0, counts)
+                states = grammar.advance(states, next_tokens)
             if not ignore_eos:
-                finished |= ((chunk == eos_id) & (offsets < counts[:, None])).any(dim=1)
-            finished |= written >= to_generate      # out of budget (a constrained answer has ended by then)
-            if bool(finished.all()):                # the one sync per step
+                finished |= next_tokens == eos_id
+            if t == to_generate - 1 or (not ignore_eos and bool(finished.all())):   # the one sync per step
+                tokens = tokens[:, :t + 1]
                 break
-            step.token_ids.copy_(chunk)
-            step.counts.copy_(counts)
+            step.token_ids.copy_(next_tokens[:, None])
             self._run(step)
-            self.last_decode_steps += 1
-            cache.slot.add_(torch.where(finished, 0, counts))
+            step.slot.add_(1)
             logits = step.logits
-        return torch.cat([forced, tokens[:, :int(written.max())]], dim=1)
+        return torch.cat([forced, tokens], dim=1)
 
     def _prefill(self, input_ids, attention_mask, extra):
         """The model's own forward over the whole prompt: (last logits (B, vocab) float32, KV cache)."""
@@ -604,20 +517,17 @@ class FastGenerator:
 
     # --- static cache and the decode step --------------------------------------------------------
 
-    def _prepare(self, batch: int, length: int, width: int) -> _DecodeStep:
-        """The decode step of `width` tokens for `batch` rows, their cache at least `length` slots long."""
+    def _prepare(self, batch: int, length: int) -> _DecodeStep:
+        """The decode step for `batch` rows, its cache at least `length` slots long."""
         if length > self._capacity:
             self._set_capacity(_round_up(length, 128))
-        cache = self._caches.get(batch)
-        if cache is None:
+        step = self._steps.get(batch)
+        if step is None:
             attention = self.language_model.layers[0].self_attn
             cache_shape = (len(self.language_model.layers), attention.k_proj.out_features // attention.head_dim,
                            attention.head_dim)
-            cache = self._caches[batch] = _StaticCache(batch, self._capacity, cache_shape, self.dtype, self.device)
-        step = self._steps.get((batch, width))
-        if step is None:
-            step = self._steps[batch, width] = _DecodeStep(cache, width, self.lm_head.weight.shape[0])
-            cache.slot.zero_()       # the warm-up below writes junk K/V from slot 0, inside the cache
+            step = self._steps[batch] = _DecodeStep(batch, self._capacity, self.lm_head.weight.shape[0], cache_shape,
+                                                    self.dtype, self.device)
             if self.use_cuda_graphs:
                 self._capture(step)
             elif self.compiled:
@@ -626,7 +536,6 @@ class FastGenerator:
 
     def _set_capacity(self, capacity: int) -> None:
         self._steps.clear()          # free the old caches (and the graphs that point into them) first
-        self._caches.clear()
         self._capacity = capacity
         # cos/sin for every position, from the model's own rotary module (same values as its forward).
         positions = torch.arange(capacity, device=self.device)[None]
@@ -636,42 +545,34 @@ class FastGenerator:
         self._slot_ids = torch.arange(capacity, device=self.device)
 
     def _decode_forward(self, step: _DecodeStep) -> None:
-        """`width` tokens per row through the language model, their K/V into the static cache, the
-        logits after each row's last real token into `step.logits`. Fixed shapes and no host
-        synchronisation: graph-capturable. A row's padding tokens write junk K/V just past its
-        real ones, which its next step overwrites before anything can attend to it."""
-        cache = step.cache
-        batch, width = step.token_ids.shape
-        slots = cache.slot[:, None] + self._slot_ids[:width]           # (B, width)
-        positions = slots - cache.pad_count[:, None]
-        cos = self._cos[positions][:, None]                             # (B, 1, width, head_dim)
-        sin = self._sin[positions][:, None]
-        # Each token sees the row's prompt and answer up to itself (causal within the chunk).
-        visible = cache.valid[:, None, :] & (self._slot_ids <= slots[:, :, None])   # (B, width, capacity)
-        mask = visible[:, None]
-        hidden = self.language_model.embed_tokens(step.token_ids)      # (B, width, hidden)
-        keys0 = cache.keys[0]
-        write_at = slots[:, None, :, None].expand(batch, keys0.shape[1], width, keys0.shape[3])
+        """One token per row through the language model, its K/V into the static cache, the
+        logits into `step.logits`. Fixed shapes and no host synchronisation: graph-capturable."""
+        batch = step.token_ids.shape[0]
+        slot = step.slot.view(1)
+        positions = step.slot - step.pad_count                          # (B,)
+        cos = self._cos[positions][:, None, None, :]                    # (B, 1, 1, head_dim)
+        sin = self._sin[positions][:, None, None, :]
+        visible = step.valid & (self._slot_ids <= step.slot)            # (B, capacity)
+        mask = visible[:, None, None, :]
+        hidden = self.language_model.embed_tokens(step.token_ids)      # (B, 1, hidden)
         for index, layer in enumerate(self.language_model.layers):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
             head_dim = attention.head_dim
-            q = attention.q_proj(x).view(batch, width, -1, head_dim).transpose(1, 2)
-            k = attention.k_proj(x).view(batch, width, -1, head_dim).transpose(1, 2)
-            v = attention.v_proj(x).view(batch, width, -1, head_dim).transpose(1, 2)
+            q = attention.q_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
+            k = attention.k_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
+            v = attention.v_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys, values = cache.keys[index], cache.values[index]
-            keys.scatter_(2, write_at, k)
-            values.scatter_(2, write_at, v)
+            keys, values = step.keys[index], step.values[index]
+            keys.index_copy_(2, slot, k)
+            values.index_copy_(2, slot, v)
             groups = q.shape[1] // keys.shape[1]
             if groups > 1:
                 keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attention.scaling)
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        last = (step.counts - 1)[:, None, None].expand(batch, 1, hidden.shape[-1])
-        hidden = hidden.gather(1, last)                                 # (B, 1, hidden)
         step.logits.copy_(self.lm_head(self.language_model.norm(hidden))[:, 0])
 
     def _run(self, step: _DecodeStep) -> None:
