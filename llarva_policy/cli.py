@@ -145,7 +145,8 @@ def _run(command: str, args: argparse.Namespace) -> None:
                 raise SystemExit("llarva eval: --checkpoint PATH is required unless --policy expert")
             from llarva_policy.policy import LlarvaPolicy
             policy = LlarvaPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
-                                                  with_visual_trace=args.visual_trace, template=args.template)
+                                                  with_visual_trace=args.visual_trace, template=args.template,
+                                                  constrained=args.constrained)
         results = evaluate(policy, args.task, episodes=args.episodes, episode_length=args.episode_length,
                            num_envs=args.num_envs, demos=args.demos, video_dir=args.video,
                            results_path=args.results, seed=args.seed)
