@@ -83,6 +83,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--dtype", default=None)
         p.add_argument("--visual-trace", action="store_true", help="the checkpoint answers with a visual trace")
         p.add_argument("--template", default="training")
+        p.add_argument("--constrained", action="store_true",
+                       help="constrain decoding to the answer format, so every answer parses")
     elif command == "train-small":
         p.add_argument("--task", required=True, help="RLBench task name or alias")
         p.add_argument("--out", required=True, help="run folder: demos, annotations, model/, eval/, summary.json")
