@@ -41,6 +41,12 @@ COLORS = [
 GRIPPER_DOWN = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])
 
 
+def yaw_matrix(angle: float) -> np.ndarray:
+    """Rotation by `angle` (radians) about the world's vertical axis."""
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
 @dataclass
 class Waypoint:
     """A gripper-tip pose to reach in a straight line, then the gripper state to set there."""
@@ -112,4 +118,4 @@ def sample_separated(rng: np.random.Generator, count: int, low, high, min_distan
     raise RuntimeError(f"could not place {count} objects {min_distance} m apart in {low}..{high}")
 
 
-__all__ = ["COLORS", "GRIPPER_DOWN", "TABLE_HEIGHT", "Task", "Waypoint", "sample_separated"]
+__all__ = ["COLORS", "GRIPPER_DOWN", "TABLE_HEIGHT", "Task", "Waypoint", "sample_separated", "yaw_matrix"]

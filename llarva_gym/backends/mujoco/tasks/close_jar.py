@@ -10,8 +10,7 @@ contacts that let the lid rest still).
 
 import numpy as np
 
-from llarva_gym.backends.mujoco.task import COLORS, GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, sample_separated
-from llarva_gym.backends.mujoco.tasks.open_drawer import yaw_matrix
+from llarva_gym.backends.mujoco.task import COLORS, GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, sample_separated, yaw_matrix
 
 JAR_RADIUS, JAR_HEIGHT = 0.035, 0.08
 NECK_RADIUS, NECK_TOP = 0.026, 0.095      # the mouth, above the table

@@ -9,7 +9,7 @@ the spoke, lowers it round the spoke and lets go.
 
 import numpy as np
 
-from llarva_gym.backends.mujoco.task import COLORS, GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint
+from llarva_gym.backends.mujoco.task import COLORS, GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, yaw_matrix
 
 SPOKES = 3
 SPOKE_HALF, SPOKE_HEIGHT, SPOKE_PITCH = 0.012, 0.1, 0.1
@@ -33,11 +33,6 @@ def _ring() -> str:
     geoms = "".join(f'<geom type="box" size="{a} {b} {RING_HALF_HEIGHT}" pos="{x} {y} 0" mass="0.02" '
                     f'friction="0.6 0.005 0.0001" rgba="0.8 0.8 0.82 1"/>' for (a, b), (x, y) in sides)
     return f'<body name="square_ring"><freejoint/>{geoms}</body>'
-
-
-def yaw_matrix(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def yaw_of(xmat: np.ndarray) -> float:

@@ -11,9 +11,8 @@ holder or the socket; the glass, holders and lamp are for looks.
 
 import numpy as np
 
-from llarva_gym.backends.mujoco.task import COLORS, GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, sample_separated
+from llarva_gym.backends.mujoco.task import COLORS, GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, sample_separated, yaw_matrix
 from llarva_gym.backends.mujoco.tasks.close_jar import wrist_yaw
-from llarva_gym.backends.mujoco.tasks.open_drawer import yaw_matrix
 
 HOLDER_RADIUS, HOLDER_HEIGHT = 0.032, 0.05
 HOLDER_FLOOR = 0.03            # a bulb's base stands this high in its holder

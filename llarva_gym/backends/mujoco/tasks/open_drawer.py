@@ -10,7 +10,7 @@ chest (`chest_xml`, `handle_waypoints`).
 
 import numpy as np
 
-from llarva_gym.backends.mujoco.task import TABLE_HEIGHT, Task, Waypoint
+from llarva_gym.backends.mujoco.task import TABLE_HEIGHT, Task, Waypoint, yaw_matrix
 
 OPTIONS = ("bottom", "middle", "top")
 # The chest, in its own frame: x across its front, y from the front (y = 0) to the back, z up.
@@ -76,11 +76,6 @@ def chest_xml() -> str:
         {"".join(_drawer(option, i) for i, option in enumerate(OPTIONS))}
       </body>
     </worldbody>"""
-
-
-def yaw_matrix(yaw: float) -> np.ndarray:
-    c, s = np.cos(yaw), np.sin(yaw)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def gripper_frame(approach, closing) -> np.ndarray:

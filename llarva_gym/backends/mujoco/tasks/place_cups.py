@@ -11,7 +11,7 @@ back out. A mug let go hangs from the spoke by its handle and swings under it.
 
 import numpy as np
 
-from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint
+from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, yaw_matrix
 
 # Cylinders, capsules and spheres drawn with fewer facets than MuJoCo's default (28 x 16): the same
 # picture at 128 x 128, at half the software-rendering cost of this scene's round shapes.
@@ -32,11 +32,6 @@ SAFE_HEIGHT = 0.34                   # gripper tip above the table while carryin
 
 def _spoke_direction(azimuth: float) -> np.ndarray:
     return np.array([np.cos(SPOKE_RISE) * np.cos(azimuth), np.cos(SPOKE_RISE) * np.sin(azimuth), np.sin(SPOKE_RISE)])
-
-
-def _rot_z(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def _wrap(angle: float) -> float:
@@ -159,11 +154,11 @@ class PlaceCups(Task):
             grasp_yaw = yaw + rim_angle + np.pi / 2
             grasp_yaw = (grasp_yaw + np.pi / 2) % np.pi - np.pi / 2   # the fingers look the same turned half a turn
             hang_yaw = grasp_yaw + turn
-            grasp_rotation = _rot_z(grasp_yaw) @ GRIPPER_DOWN
-            hang_rotation = _rot_z(hang_yaw) @ GRIPPER_DOWN
-            rim = position + _rot_z(yaw) @ grip_local
+            grasp_rotation = yaw_matrix(grasp_yaw) @ GRIPPER_DOWN
+            hang_rotation = yaw_matrix(hang_yaw) @ GRIPPER_DOWN
+            rim = position + yaw_matrix(yaw) @ grip_local
             # Tip positions that put the handle's opening at a point of the spoke (or its extension).
-            tip_at = lambda along: root + along * direction + _rot_z(hung_yaw) @ (grip_local - HOLE)  # noqa: E731
+            tip_at = lambda along: root + along * direction + yaw_matrix(hung_yaw) @ (grip_local - HOLE)  # noqa: E731
             start, end = tip_at(HUNG_AT + LEAD_IN), tip_at(HUNG_AT)
             path += [
                 Waypoint(rim + [0, 0, 0.06], grasp_rotation, 1.0, speed=0.7),

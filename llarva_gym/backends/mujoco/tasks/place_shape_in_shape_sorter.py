@@ -15,7 +15,7 @@ shape collides as one box around its footprint.
 
 import numpy as np
 
-from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, sample_separated
+from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, sample_separated, yaw_matrix
 
 SHAPE_NAMES = ["cube", "cylinder", "triangular prism", "star", "moon"]
 SHAPE_HALF_HEIGHT = 0.015
@@ -107,11 +107,6 @@ def _shape(i: int, shape: str) -> str:
             f'friction="0.8 0.005 0.0001" group="3"/>')
     looks = _shape_geoms(shape, SHAPE_HALF_HEIGHT, f'rgba="{SHAPE_RGBA[i]}" contype="0" conaffinity="0" mass="0"')
     return f'<body name="{name}"><freejoint/>{hull}{looks}</body>'
-
-
-def yaw_matrix(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 class PlaceShapeInShapeSorter(Task):

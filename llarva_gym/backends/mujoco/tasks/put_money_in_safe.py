@@ -13,9 +13,8 @@ behind the opening so that the hand clears them.)
 
 import numpy as np
 
-from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint
+from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, yaw_matrix
 from llarva_gym.backends.mujoco.tasks.close_jar import wrist_angle
-from llarva_gym.backends.mujoco.tasks.open_drawer import yaw_matrix
 
 OPTIONS = {0: "bottom", 1: "middle", 2: "top"}
 # The safe, in its own frame: x into the safe from its opening (x = 0), y across, z up.

@@ -10,7 +10,7 @@ fingertips, as RLBench's demos push with the closed gripper.
 
 import numpy as np
 
-from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint
+from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, yaw_matrix
 
 TARGET_COLORS = [("green", (0.0, 0.6, 0.0)), ("blue", (0.0, 0.0, 1.0)),
                  ("pink", (1.0, 0.55, 0.7)), ("yellow", (1.0, 1.0, 0.0))]
@@ -24,11 +24,6 @@ CLEARANCE = 0.02           # between the fingertips and the block before the pus
 # The block's start (the layout's centre) and how far the layout is turned.
 CENTRE_LOW, CENTRE_HIGH = (0.12, -0.12), (0.26, 0.12)
 MAX_YAW = np.pi / 6
-
-
-def yaw_matrix(angle: float) -> np.ndarray:
-    c, s = np.cos(angle), np.sin(angle)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
 def yaw_quat(angle: float) -> tuple[float, float, float, float]:

@@ -9,9 +9,8 @@ JointCondition. The expert grasps the lever from above at its hinge and turns th
 
 import numpy as np
 
-from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint
+from llarva_gym.backends.mujoco.task import GRIPPER_DOWN, TABLE_HEIGHT, Task, Waypoint, yaw_matrix
 from llarva_gym.backends.mujoco.tasks.close_jar import wrist_angle
-from llarva_gym.backends.mujoco.tasks.open_drawer import yaw_matrix
 
 OPTIONS = ("left", "right")
 HANDLE_Y = 0.12       # the handles' distance from the tap's middle
