@@ -9,7 +9,15 @@ one 128x128 image). Answers are forced to `--new-tokens` tokens (64) in the time
 suppressed (generate: `min_new_tokens`, FastGenerator: `ignore_eos`), unconstrained, so both engines
 do exactly the same work. The `+constrained` rows show the policy's real path (constrained action
 answers that stop at EOS, at most `--new-tokens`); a random model rarely closes early, so they run
-to about the budget. Every constrained answer is checked to parse.
+to about the budget. Every constrained answer is checked to parse. At batch 1 they run twice:
+one token per decode forward (`+constrained`, `multi_token=False`), and `+constrained+multi-token`,
+where the tokens the grammar forces ("," after a fourth decimal, "]" and EOS, ...) go into the
+forward of the token before them (FastGenerator's default at batch 1); batches always decode one
+token a forward. Constrained rows report `sequential_steps` (decode forwards after the prefill,
+`FastGenerator.last_decode_steps`) and `first_call_seconds` (the multi-token row's includes the
+capture, and compile, of the wider step); the multi-token row says whether its tokens are the
+one-token row's (`same_tokens_as_one_token_per_step`: they must be, up to bf16 rounding: the wider
+step sums in another order).
 
 Rows: seconds per generate call (one action per environment), actions/s = batch / seconds,
 prefill seconds (a call with one new token: vision tower, projector, prompt), decode ms/token =
@@ -19,7 +27,8 @@ random model's near-ties can make rows part after a few tokens (the static cache
 in another order).
 
 Before timing, a tiny float32 model on the same device checks the fast path (CUDA graphs and
-eager) against generate token for token (`sanity_check` in the JSON). Then generate and the
+eager) against generate token for token, and multi-token against one-token constrained decoding
+at batch 1 (`sanity_check` in the JSON). Then generate and the
 uncompiled fast path run for every batch size, and the torch.compile variant last (each batch
 size compiles for about a minute on 7B). A failing variant is recorded with its error and the run
 goes on; CUDA-graph capture or compile failures fall back to eager with the reason printed. The
@@ -129,6 +138,13 @@ def sanity_check(device: torch.device, new_tokens: int) -> dict:
         report[generator.mode] = {"tokens_match_generate": bool(torch.equal(got, expected)),
                                   "constrained_parsed": f"{parsed}/{len(texts)}",
                                   "fallback_reason": generator.fallback_reason}
+        single = make_inputs(loaded, 1, seed=1)
+        one = generator.generate(single, max_new_tokens=64, constrained=True, multi_token=False)
+        one_steps = generator.last_decode_steps
+        multi = generator.generate(single, max_new_tokens=64, constrained=True, multi_token=True)
+        report[generator.mode].update({"multi_token_same_tokens": bool(torch.equal(one, multi)),
+                                       "multi_token_steps": f"{generator.last_decode_steps} vs {one_steps}",
+                                       "fallback_reason": generator.fallback_reason})
     return report
 
 
@@ -195,7 +211,7 @@ def main(argv=None) -> dict:
         result["rows"].append(row)
         write_json(out, result)
         shown = {k: v for k, v in row.items() if k not in ("method", "batch", "example")}
-        print(f"  {row['method']:<22} batch {row['batch']:>3}: {shown}")
+        print(f"  {row['method']:<38} batch {row['batch']:>3}: {shown}")
 
     def record_error(what, err):
         message = f"{what}: {type(err).__name__}: {err}"
@@ -261,25 +277,43 @@ def main(argv=None) -> dict:
                 print(f"  NOTE {name}: {generator.fallback_reason}")
             record(row)
 
-            # The policy's real path: constrained action answers that stop at EOS.
-            def run_constrained():
-                return generator.generate(inputs, max_new_tokens=new_tokens, constrained=True)
-            constrained_seconds, answer_tokens = timed(run_constrained, device, warmup=1, repeats=args.repeats)
-            texts = tokenizer.batch_decode(answer_tokens, skip_special_tokens=True)
-            parsed = 0
-            for text in texts:
-                try:
-                    codec.parse_answer(text)
-                    parsed += 1
-                except codec.AnswerParseError:
-                    pass
-            lengths = (answer_tokens != tokenizer.pad_token_id).sum(dim=1).float()
-            record({"method": name + "+constrained", "mode": generator.mode, "batch": batch,
-                    "prompt_tokens": prompt_tokens, "seconds": round(constrained_seconds, 4),
-                    "actions_per_second": round(batch / constrained_seconds, 2),
-                    "tokens": round(float(lengths.mean()), 1), "parsed": f"{parsed}/{batch}",
-                    "forced_prefix_tokens": len(action_grammar_for(loaded).forced_ids),
-                    "example": texts[0][:120]})
+            # The policy's real path: constrained action answers that stop at EOS; at batch 1 one
+            # token a forward, then with forced runs in the forward of the token before them.
+            one_token = None
+            for multi_token in ([False, True] if batch == 1 else [False]):
+                def run_constrained():
+                    return generator.generate(inputs, max_new_tokens=new_tokens, constrained=True,
+                                              multi_token=multi_token)
+                first = time.perf_counter()
+                run_constrained()                    # multi-token: captures (and compiles) the wider step
+                first_seconds = time.perf_counter() - first
+                constrained_seconds, answer_tokens = timed(run_constrained, device, warmup=1, repeats=args.repeats)
+                texts = tokenizer.batch_decode(answer_tokens, skip_special_tokens=True)
+                parsed = 0
+                for text in texts:
+                    try:
+                        codec.parse_answer(text)
+                        parsed += 1
+                    except codec.AnswerParseError:
+                        pass
+                lengths = (answer_tokens != tokenizer.pad_token_id).sum(dim=1).float()
+                row = {"method": name + "+constrained" + ("+multi-token" if multi_token else ""),
+                       "mode": generator.mode, "batch": batch, "prompt_tokens": prompt_tokens,
+                       "seconds": round(constrained_seconds, 4),
+                       "actions_per_second": round(batch / constrained_seconds, 2),
+                       "tokens": round(float(lengths.mean()), 1), "parsed": f"{parsed}/{batch}",
+                       "sequential_steps": generator.last_decode_steps,
+                       "first_call_seconds": round(first_seconds, 2),
+                       "forced_prefix_tokens": len(action_grammar_for(loaded).forced_ids),
+                       "example": texts[0][:120]}
+                if multi_token:
+                    one_seconds, one_tokens, one_steps = one_token
+                    row["speedup_vs_one_token_per_step"] = round(one_seconds / constrained_seconds, 3)
+                    row["steps_saved"] = one_steps - generator.last_decode_steps
+                    row["same_tokens_as_one_token_per_step"] = bool(torch.equal(answer_tokens, one_tokens))
+                else:
+                    one_token = (constrained_seconds, answer_tokens, generator.last_decode_steps)
+                record(row)
         finally:
             generator.release()
             del generator
@@ -315,8 +349,8 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'method':<24} {'mode':<20} {'batch':>5} {'prompt':>6} {'tokens':>6} {'s/call':>8} {'actions/s':>9} "
-          f"{'prefill s':>9} {'ms/token':>8} {'vs hf':>6} {'same tokens':>11}")
+    print(f"\n{'method':<38} {'mode':<20} {'batch':>5} {'prompt':>6} {'tokens':>6} {'steps':>5} {'s/call':>8} "
+          f"{'actions/s':>9} {'prefill s':>9} {'ms/token':>8} {'vs hf':>6} {'vs 1-tok':>8} {'same tokens':>11}")
     for row in result["rows"]:
         def cell(key, fmt):
             value = row.get(key)
@@ -325,10 +359,11 @@ def print_table(result: dict) -> None:
         match = row.get("rows_matching") or row.get("parsed", "")
         if "parsed" in row:
             match = f"parsed {match}"
-        print(f"{row['method']:<24} {row.get('mode', 'hf'):<20} {row['batch']:>5} {row['prompt_tokens']:>6} "
-              f"{cell('tokens', ''):>6} {cell('seconds', '.3f'):>8} {cell('actions_per_second', '.2f'):>9} "
+        print(f"{row['method']:<38} {row.get('mode', 'hf'):<20} {row['batch']:>5} {row['prompt_tokens']:>6} "
+              f"{cell('tokens', ''):>6} {cell('sequential_steps', ''):>5} {cell('seconds', '.3f'):>8} "
+              f"{cell('actions_per_second', '.2f'):>9} "
               f"{cell('prefill_seconds', '.3f'):>9} {cell('decode_ms_per_token', '.2f'):>8} "
-              f"{cell('speedup_vs_hf', '.2f'):>6} {match:>11}")
+              f"{cell('speedup_vs_hf', '.2f'):>6} {cell('speedup_vs_one_token_per_step', '.2f'):>8} {match:>11}")
     for error in result["errors"]:
         print(f"ERROR {error['error']}")
 

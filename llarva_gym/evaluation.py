@@ -43,7 +43,9 @@ VIDEO_FPS = 20            # one frame per control step of 0.05 s
 # seeds from (seed, attempt): evaluating with seed 0 must not replay the demos recorded with seed 0.
 _EVAL_STREAM = 0xE7A1
 # What a results file must agree on with the run that resumes it.
-_RUN_FIELDS = ("task", "policy", "seed", "episode_length", "demos")
+_RUN_FIELDS = ("task", "policy", "seed", "episode_length", "demos", "render_quality")
+# What a field was before results files recorded it: runs before render_quality existed rendered "fast".
+_RUN_DEFAULTS = {"render_quality": "fast"}
 
 
 def episode_reset_seed(seed: int, index: int) -> int:
@@ -64,14 +66,18 @@ class _Episode:
 
 
 def evaluate(policy, task: str, *, episodes: int = 10, episode_length: int | None = None, num_envs: int = 1,
-             demos=None, video_dir=None, results_path=None, seed: int = 0, progress: bool = True) -> dict:
+             demos=None, video_dir=None, results_path=None, seed: int = 0, progress: bool = True,
+             render_quality: str = "fast") -> dict:
     """Run `episodes` episodes of `task` with `policy` over `num_envs` parallel envs; returns the results.
 
+    `render_quality` is the env's ("fast", or "high": shadows and multisampling): a policy trained on
+    demos recorded with "high" sees the same rendering.
+
     Results (also the JSON at `results_path`): the run's `task`, `policy`, `seed`,
-    `episode_length`, `demos`; `episodes`, one record per finished episode (index, reset_seed or
-    demo, episode_seed, variation, instruction, success, steps, seconds, parse_errors, and
-    invalid_action when the env refused one, which ends the episode as a failure, as in LLARVA's
-    evaluation); and `summary` (episodes, successes, success_rate, mean_steps).
+    `episode_length`, `demos`, `render_quality`; `episodes`, one record per finished episode
+    (index, reset_seed or demo, episode_seed, variation, instruction, success, steps, seconds,
+    parse_errors, and invalid_action when the env refused one, which ends the episode as a failure,
+    as in LLARVA's evaluation); and `summary` (episodes, successes, success_rate, mean_steps).
     """
     task = resolve_task(task)
     if episode_length is None:   # the task's own limit: 120 (LLARVA's) for most
@@ -85,10 +91,13 @@ def evaluate(policy, task: str, *, episodes: int = 10, episode_length: int | Non
     if not isinstance(policy, str) and not callable(getattr(policy, "predict", None)):
         raise ValueError(f"policy: {type(policy).__name__} has no predict(observation, state, episode_start, "
                          "deterministic) method")
+    # Checked here, not only by the env: a resumed run with nothing left to do makes no env.
+    if not isinstance(render_quality, str) or render_quality not in ("fast", "high"):
+        raise ValueError(f"render_quality: expected 'fast' or 'high', got {render_quality!r}")
     demo_dirs = _demo_dirs(demos, task, episodes)
 
     run = {"task": task, "policy": _policy_name(policy), "seed": int(seed), "episode_length": int(episode_length),
-           "demos": str(Path(demos).resolve()) if demos is not None else None}
+           "demos": str(Path(demos).resolve()) if demos is not None else None, "render_quality": render_quality}
     results = _load_results(results_path, run)
     done = {record["index"] for record in results["episodes"]}
     todo = deque(i for i in range(episodes) if i not in done)
@@ -107,7 +116,8 @@ def evaluate(policy, task: str, *, episodes: int = 10, episode_length: int | Non
     # autoreset is off and a finished sub-env is reset alone, with a one-hot `reset_mask`.
     num_envs = min(num_envs, len(todo))
     envs = make_vec(f"llarva/{task}", num_envs, autoreset_mode=gym.vector.AutoresetMode.DISABLED,
-                    max_episode_steps=episode_length, render_mode="rgb_array" if video_dir else None)
+                    max_episode_steps=episode_length, render_mode="rgb_array" if video_dir else None,
+                    render_quality=render_quality)
     try:
         if isinstance(policy, str):    # "expert"
             policy = ScriptedExpert(envs)
@@ -227,6 +237,7 @@ def _load_results(results_path, run: dict) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"results_path: {path} is not a results file of evaluate() ({error}); "
                          "move it away or pass another path") from None
+    results = {**_RUN_DEFAULTS, **results}
     different = {key: (results.get(key), run[key]) for key in _RUN_FIELDS if results.get(key) != run[key]}
     if different:
         listing = ", ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in different.items())

@@ -52,7 +52,10 @@ EPISODE_INFO = "llarva_episode.json"   # how an episode was recorded; read on re
 # (".attempt<k>") and save_demo's temporary ones ("..attempt<k>.tmp-...", ".episode<M>.tmp-...").
 _LEFTOVER = re.compile(r"\.{1,2}(attempt\d+|episode\d+)(\..*)?")
 # The options an episode is recorded with; a resumed run must use the same ones.
-_SETTINGS = ("task", "seed", "cameras", "image_size", "depth", "variation", "max_episode_steps")
+_SETTINGS = ("task", "seed", "cameras", "image_size", "depth", "variation", "max_episode_steps", "render_quality")
+# What a setting was before it was recorded: episodes written before render_quality existed were
+# rendered "fast", so a folder of them still resumes with the default.
+_SETTING_DEFAULTS = {"render_quality": "fast"}
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
@@ -82,7 +85,7 @@ def _start_worker(settings: dict, folder: str) -> None:
     import llarva_gym  # noqa: F401  (registers the llarva/ ids in a spawned process)
     env = gym.make(f"llarva/{settings['task']}", cameras=settings["cameras"], image_size=settings["image_size"],
                    depth=settings["depth"], variation=settings["variation"],
-                   max_episode_steps=settings["max_episode_steps"])
+                   max_episode_steps=settings["max_episode_steps"], render_quality=settings["render_quality"])
     _worker.update(env=env, expert=ScriptedExpert(env), settings=settings, folder=Path(folder))
 
 
@@ -131,11 +134,12 @@ def _run_attempt(index: int) -> Attempt:
 
 # --- the run --------------------------------------------------------------------------------------
 
-def _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps) -> dict:
+def _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps, render_quality="fast") -> dict:
     """Checked options, in the JSON-friendly form stored in each episode's llarva_episode.json."""
     if isinstance(cameras, str):
         cameras = [c.strip() for c in cameras.split(",") if c.strip()]
-    config = ObservationConfig(cameras=cameras, image_size=image_size, depth=depth)   # names bad values
+    config = ObservationConfig(cameras=cameras, image_size=image_size, depth=depth,
+                               render_quality=render_quality)   # names bad values
     if variation is not None and not (isinstance(variation, (int, np.integer)) and 0 <= variation < TASKS[task]):
         raise ValueError(f"variation: expected None (one drawn per episode) or an int in "
                          f"[0, {TASKS[task] - 1}] for {task}, got {variation!r}")
@@ -147,7 +151,7 @@ def _settings(task, cameras, image_size, depth, variation, seed, max_episode_ste
         raise ValueError(f"max_episode_steps: expected a positive int, got {max_episode_steps!r}")
     return {"task": task, "seed": int(seed), "cameras": list(config.cameras), "image_size": list(config.image_size),
             "depth": bool(depth), "variation": None if variation is None else int(variation),
-            "max_episode_steps": int(max_episode_steps)}
+            "max_episode_steps": int(max_episode_steps), "render_quality": config.render_quality}
 
 
 def _remove_leftovers(folder: Path) -> None:
@@ -171,6 +175,7 @@ def _first_attempt(existing: list[Path], settings: dict) -> int:
     except ValueError as error:
         raise ValueError(f"{info_path}: not readable JSON ({error}); the last episode is damaged, "
                          f"remove {existing[-1].name} to continue") from None
+    recorded = {**_SETTING_DEFAULTS, **recorded}
     differing = {key: (recorded.get(key), settings[key]) for key in _SETTINGS if recorded.get(key) != settings[key]}
     if differing:
         listing = ", ".join(f"{key}: recorded {old!r}, asked {new!r}" for key, (old, new) in differing.items())
@@ -183,7 +188,8 @@ def _first_attempt(existing: list[Path], settings: dict) -> int:
 
 def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("front",), depth: bool = False,
                  processes: int = 1, variation: int | None = None, seed: int = 0, progress: bool = True,
-                 max_episode_steps: int | None = None, max_attempts: int | None = None) -> dict:
+                 max_episode_steps: int | None = None, max_attempts: int | None = None,
+                 render_quality: str = "fast") -> dict:
     """Record scripted-expert episodes of `task` until `<out>/<task>/all_variations/episodes` holds
     `episodes` of them (RLBench's layout, `task` resolved to RLBench's name); returns a summary.
 
@@ -193,14 +199,16 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
     was interrupted and resumed. An episode must succeed within `max_episode_steps` steps (default:
     the task's registered limit, the evaluation's); failed attempts are discarded. `max_attempts` caps the
     attempts of this call (default: twice the episodes still missing, plus 10); reaching it
-    warns and returns with `complete` False.
+    warns and returns with `complete` False. `render_quality` is the env's: "fast" (default, no
+    shadows) or "high" (shadows and multisampling, much slower on CPU); evaluate a policy trained on
+    such images with the same `render_quality`.
 
     Summary: task, episodes_dir, episodes (in the folder now), episodes_written (by this call),
     attempts, failures (list of {attempt, reason}), complete, seconds, demos_per_minute.
     """
     started = time.perf_counter()
     task = resolve_task(task)
-    settings = _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps)
+    settings = _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps, render_quality)
     if isinstance(episodes, bool) or not isinstance(episodes, (int, np.integer)) or episodes < 0:
         raise ValueError(f"episodes: expected a non-negative int, got {episodes!r}")
     if isinstance(processes, bool) or not isinstance(processes, (int, np.integer)) or processes < 1:

@@ -15,6 +15,7 @@ effector's future path in the front image (see `end_effector_trace`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import tempfile
@@ -79,6 +80,7 @@ def end_effector_trace(demo: Sequence, step: int, *, image_size: tuple[int, int]
 
 
 def episode_annotations(demo: Sequence, image_prefix: str, *, visual_trace: bool = False,
+                        trace_points: int = TRACE_POINTS,
                         history_noise: float = 0.0, rng: np.random.Generator | None = None,
                         template: str | codec.Template = codec.TRAINING, first_id: int = 0,
                         image_size: tuple[int, int] | None = None) -> list[dict]:
@@ -86,8 +88,8 @@ def episode_annotations(demo: Sequence, image_prefix: str, *, visual_trace: bool
 
     `image_prefix` is the episode folder as the JSON should name it (relative to the data root).
     `history_noise` is the sigma of the joint-history noise (LLARVA trained with 0.01), drawn from
-    `rng`. `image_size` (height, width) clips the visual trace; by default it is the loaded
-    front_rgb image's size.
+    `rng`. `trace_points`: points in each visual trace. `image_size` (height, width) clips the
+    visual trace; by default it is the loaded front_rgb image's size.
     """
     template = codec.get_template(template)
     descriptions = getattr(demo, "variation_descriptions", None)
@@ -108,7 +110,8 @@ def episode_annotations(demo: Sequence, image_prefix: str, *, visual_trace: bool
             visual_trace=visual_trace, template=template)
         label = demo[t + 1]
         action = np.append(np.asarray(label.joint_velocities, dtype=np.float64), label.gripper_open)
-        trace = end_effector_trace(demo, t, image_size=image_size) if visual_trace else None
+        trace = (end_effector_trace(demo, t, image_size=image_size, max_points=trace_points)
+                 if visual_trace else None)
         entries.append({
             "id": first_id + t,
             "image": posixpath.join(image_prefix, "front_rgb", f"{t}.png"),
@@ -136,8 +139,8 @@ def _episodes_or_error(data_root: Path, task: str) -> list[Path]:
 
 
 def annotate(data_root: str | os.PathLike, out_json: str | os.PathLike, task: str, *,
-             visual_trace: bool = False, history_noise: float = 0.0, seed: int = 0,
-             template: str | codec.Template = "training", shuffle: bool = True,
+             visual_trace: bool = False, trace_points: int = TRACE_POINTS, history_noise: float = 0.0,
+             seed: int = 0, template: str | codec.Template = "training", shuffle: bool = True,
              progress: bool = True) -> int:
     """Write LLARVA's annotation JSON for every episode of `task` under `data_root`.
 
@@ -146,6 +149,10 @@ def annotate(data_root: str | os.PathLike, out_json: str | os.PathLike, task: st
     atomically: a reader never sees half of it. Returns the number of entries.
     """
     template = codec.get_template(template)
+    if isinstance(trace_points, bool) or not isinstance(trace_points, int) or trace_points < 1:
+        raise ValueError(f"trace_points: expected an int >= 1, got {trace_points!r}")
+    if not (isinstance(history_noise, (int, float)) and math.isfinite(history_noise) and history_noise >= 0):
+        raise ValueError(f"history_noise: expected a finite number >= 0 (radians), got {history_noise!r}")
     data_root = Path(data_root)
     episodes = _episodes_or_error(data_root, task)
     # Separate streams, so that turning the noise on or off does not change the order.
@@ -161,8 +168,8 @@ def annotate(data_root: str | os.PathLike, out_json: str | os.PathLike, task: st
         try:
             entries += episode_annotations(
                 demo, episode_dir.relative_to(data_root).as_posix(), visual_trace=visual_trace,
-                history_noise=history_noise, rng=noise_rng, template=template, first_id=len(entries),
-                image_size=image_size)
+                trace_points=trace_points, history_noise=history_noise, rng=noise_rng, template=template,
+                first_id=len(entries), image_size=image_size)
         except ValueError as error:   # say which of hundreds of episodes is bad
             raise ValueError(f"{episode_dir}: {error}") from error
     if shuffle:

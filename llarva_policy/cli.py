@@ -33,11 +33,14 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--variation", type=int, default=None, help="one variation (default: all, drawn per episode)")
         p.add_argument("--processes", type=int, default=1)
         p.add_argument("--seed", type=int, default=0, help="episode i uses seed (seed, i): reproducible")
+        p.add_argument("--render-quality", default="fast", choices=("fast", "high"),
+                       help="fast: no shadows (default); high: shadows and multisampling, much slower on CPU")
     elif command == "annotate":
         p.add_argument("--data", required=True, help="dataset root holding <task>/all_variations/episodes")
         p.add_argument("--out", required=True, help="annotation JSON to write")
         p.add_argument("--task", required=True)
         p.add_argument("--visual-trace", action="store_true")
+        p.add_argument("--trace-points", type=int, default=30, help="points in each visual trace")
         p.add_argument("--history-noise", type=float, default=0.0)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--template", default="training", help="training | released_inference")
@@ -85,6 +88,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--template", default="training")
         p.add_argument("--constrained", action="store_true",
                        help="constrain decoding to the answer format, so every answer parses")
+        p.add_argument("--render-quality", default="fast", choices=("fast", "high"),
+                       help="the env's rendering; use the one the policy's training demos were recorded with")
     elif command == "train-small":
         p.add_argument("--task", required=True, help="RLBench task name or alias")
         p.add_argument("--out", required=True, help="run folder: demos, annotations, model/, eval/, summary.json")
@@ -104,12 +109,19 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--warmup-steps", type=int, default=200)
         p.add_argument("--weight-decay", type=float, default=0.01)
         p.add_argument("--checkpoint-seconds", type=float, default=60.0)
-        p.add_argument("--eval-episodes", type=int, default=25)
+        p.add_argument("--eval-episodes", type=int, default=25, help="0: no evaluation (run llarva eval later)")
         p.add_argument("--eval-num-envs", type=int, default=8)
         p.add_argument("--eval-seed", type=int, default=0, help="llarva eval --seed: the evaluation episodes")
         p.add_argument("--eval-episode-length", type=int, default=None, help="default: the task's limit")
         p.add_argument("--no-expert-baseline", dest="expert_baseline", action="store_false",
                        help="skip evaluating the scripted expert on the same episodes")
+        p.add_argument("--visual-trace", action="store_true",
+                       help="answers hold LLARVA's visual trace (the end effector's future path) before the action")
+        p.add_argument("--trace-points", type=int, default=10, help="points in each visual trace")
+        p.add_argument("--history-noise", type=float, default=0.0,
+                       help="sigma (rad) of the noise on the joint history in the training text (LLARVA: 0.01)")
+        p.add_argument("--render-quality", default="fast", choices=("fast", "high"),
+                       help="rendering of the demos and the evaluation (high: shadows)")
         p.add_argument("--device", default=None)
         p.add_argument("--export", default=None,
                        help="folder for the files worth keeping (model tar, summary, results, one video), "
@@ -122,11 +134,13 @@ def _run(command: str, args: argparse.Namespace) -> None:
         from llarva_gym.demos import record_demos
         for task in _csv(args.task):
             record_demos(task, args.episodes, args.out, image_size=args.image_size, cameras=args.cameras,
-                         depth=args.depth, processes=args.processes, variation=args.variation, seed=args.seed)
+                         depth=args.depth, processes=args.processes, variation=args.variation, seed=args.seed,
+                         render_quality=args.render_quality)
     elif command == "annotate":
         from llarva_policy.annotations import annotate
         count = annotate(args.data, args.out, args.task, visual_trace=args.visual_trace,
-                         history_noise=args.history_noise, seed=args.seed, template=args.template)
+                         trace_points=args.trace_points, history_noise=args.history_noise, seed=args.seed,
+                         template=args.template)
         print(f"wrote {count} annotations to {args.out}")
     elif command == "finetune":
         from llarva_policy.finetune import finetune
@@ -151,7 +165,7 @@ def _run(command: str, args: argparse.Namespace) -> None:
                                                   constrained=args.constrained)
         results = evaluate(policy, args.task, episodes=args.episodes, episode_length=args.episode_length,
                            num_envs=args.num_envs, demos=args.demos, video_dir=args.video,
-                           results_path=args.results, seed=args.seed)
+                           results_path=args.results, seed=args.seed, render_quality=args.render_quality)
         print_summary(results)
 
 

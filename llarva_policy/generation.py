@@ -15,13 +15,18 @@
   left-padded prompts of different lengths).
 
 Constrained decoding (`constrained=True`, either engine): the answer must be
-`The next action step: [n1, n2, ..., n8]</s>` with every number matching `codec.NUMBER_PATTERN`.
+`The next action step: [n1, n2, ..., n8]</s>` with every number matching `codec.NUMBER_PATTERN`,
+or with `visual_trace=True` `The visual trace of the end effector: [[x1, y1], ..., [xk, yk]]. `
+before it (1 to `MAX_TRACE_POINTS` points of non-negative integers, as `codec.format_answer` writes them).
 `ActionGrammar` turns that into a token-level automaton over the model's own vocabulary: the
 fixed words are forced as the tokenizer writes them after the prompt (the fast path feeds them
 with the prompt, in the one prefill forward), and at every later step only the tokens that keep
 the text a prefix of a valid answer are allowed, with a budget rule that always leaves room to
-close the answer within `max_new_tokens`. So every answer parses, even from a random model.
-It covers the action answer only; answers with a visual trace are decoded unconstrained.
+close the answer within `max_new_tokens`. So every answer parses (with `expect_trace=visual_trace`),
+even from a random model. Where the grammar allows one token only (with LLaMA-style tokenizers:
+the "," after a number's fourth decimal, the "]" and EOS that close the action, the space after a
+trace point's ","), the fast path at batch 1 feeds it in the decode forward of the token before
+it: the same tokens in fewer sequential forwards (`FastGenerator`, `multi_token`).
 
 All decoding here is greedy (LLARVA evaluates greedily).
 """
@@ -30,7 +35,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import warnings
+import copy
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -44,24 +52,25 @@ METHODS = ("auto", "hf", "fast")
 
 @torch.inference_mode()
 def generate_text(loaded, inputs, *, max_new_tokens: int = 128, logits_processor=None, method: str = "auto",
-                  constrained: bool = False, template=codec.TRAINING) -> list[str]:
+                  constrained: bool = False, template=codec.TRAINING, visual_trace: bool = False) -> list[str]:
     """Greedy answers for a left-padded batch of processor outputs (`input_ids`, `attention_mask`,
     `pixel_values`); returns the decoded new text of each row, special tokens removed.
 
     `method`: "hf" (transformers' `generate`), "fast" (`FastGenerator`: static cache, CUDA graphs
     on CUDA, eager on CPU) or "auto": "fast" on CUDA when the model is supported and no
     `logits_processor` is given, else "hf" (so CPU behaviour is `generate`'s).
-    `constrained`: force the action answer's form (`ActionGrammar` for `template`); for prompts
-    that ask for an action only, not a visual trace.
+    `constrained`: force the answer's form (`ActionGrammar` for `template`): an action, or with
+    `visual_trace=True` (prompts that ask for one) a visual trace then an action. `visual_trace`
+    only picks the grammar; unconstrained decoding writes whatever the model writes.
     """
     method = resolve_method(method, loaded, logits_processor)
     if method == "fast":
         new_tokens = fast_generator_for(loaded).generate(
             inputs, max_new_tokens=max_new_tokens, logits_processor=logits_processor,
-            constrained=constrained, template=template)
+            constrained=constrained, template=template, visual_trace=visual_trace)
     else:
         new_tokens = _generate_hf(loaded, inputs, max_new_tokens=max_new_tokens, logits_processor=logits_processor,
-                                  constrained=constrained, template=template)
+                                  constrained=constrained, template=template, visual_trace=visual_trace)
     return loaded.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
@@ -80,11 +89,12 @@ def resolve_method(method: str, loaded, logits_processor=None) -> str:
     return method
 
 
-def _generate_hf(loaded, inputs, *, max_new_tokens, logits_processor, constrained, template) -> torch.Tensor:
+def _generate_hf(loaded, inputs, *, max_new_tokens, logits_processor, constrained, template,
+                 visual_trace=False) -> torch.Tensor:
     tokenizer = loaded.tokenizer
     logits_processor = _processor_list(logits_processor)
     if constrained:
-        grammar = action_grammar_for(loaded, template)
+        grammar = action_grammar_for(loaded, template, visual_trace=visual_trace)
         grammar_processor = ActionLogitsProcessor(grammar, inputs["input_ids"].shape[1], max_new_tokens)
         logits_processor = LogitsProcessorList([*(logits_processor or []), grammar_processor])
     output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -107,24 +117,32 @@ def _processor_list(logits_processor) -> LogitsProcessorList | None:
 # ---------------------------------------------------------------------------------------------
 
 _DIGITS = "0123456789"
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")   # LLaMA's byte-fallback tokens
 MAX_INTEGER_DIGITS = 3     # |value| < 1000: joint velocities are a few rad/s, the gripper 0 or 1
+MAX_TRACE_POINTS = 64      # annotations write 30 points (annotations.TRACE_POINTS), fewer if asked
+MAX_COORDINATE_DIGITS = 4  # pixel positions up to 9999
 
 
 @dataclass
 class ActionGrammar:
-    """`template.action_prefix + "[" + 8 numbers + "]" + EOS` as a table over token ids.
+    """`template.action_prefix + "[" + 8 numbers + "]" + EOS` as a table over token ids, optionally
+    after a visual trace: `template.trace_prefix + "[[x1, y1], ..., [xk, yk]]" + template.trace_suffix`.
 
     States 0 .. len(forced_ids)-1 each allow one token (the fixed words, tokenized in context after
     the prompt); `after_forced` is the state once they are in. `next_state[s, t]` is the state after
     token t in state s, or -1 where t is not allowed. `tokens_to_finish[s]` is the fewest tokens
     from s to the end of the answer, EOS included: a token is allowed only if what is left of
     `max_new_tokens` still covers that, so the answer always closes in time.
+    `forced[s]` is (token, next state) where state s allows that one token only (the "," after a
+    number's fourth decimal, the "]" and EOS that close the action, ...), else None; it is a host
+    list, read by `forced_run`, so that the fast path can feed a forced run in one decode step.
     """
 
     forced_ids: list[int]
     next_state: torch.Tensor        # (num_states, vocab) int64, -1 = not allowed
     tokens_to_finish: torch.Tensor  # (num_states,) int64
     finished_state: int
+    forced: list[tuple[int, int] | None]
 
     @property
     def after_forced(self) -> int:
@@ -137,7 +155,7 @@ class ActionGrammar:
 
     def to(self, device) -> ActionGrammar:
         return ActionGrammar(self.forced_ids, self.next_state.to(device), self.tokens_to_finish.to(device),
-                             self.finished_state)
+                             self.finished_state, self.forced)
 
     def mask(self, scores: torch.Tensor, states: torch.Tensor, tokens_left: int) -> torch.Tensor:
         """`scores` (B, vocab) with every token not allowed in `states` (B,) set to -inf.
@@ -150,24 +168,53 @@ class ActionGrammar:
     def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.next_state[states, tokens]
 
+    def forced_run(self, state: int, limit: int) -> tuple[list[int], int]:
+        """The tokens that must follow `state` (every state on the way allows one token only), at
+        most `limit` of them, and the state after them. Greedy decoding under `mask` writes exactly
+        these: a forced token is on a shortest way to the end, so the budget rule never drops it."""
+        run = []
+        while len(run) < limit and self.forced[state] is not None:
+            token, state = self.forced[state]
+            run.append(token)
+        return run, state
+
 
 def build_action_grammar(tokenizer, vocab_size: int, *, template=codec.TRAINING,
-                         max_integer_digits: int = MAX_INTEGER_DIGITS) -> ActionGrammar:
+                         max_integer_digits: int = MAX_INTEGER_DIGITS, visual_trace: bool = False,
+                         max_trace_points: int = MAX_TRACE_POINTS,
+                         max_coordinate_digits: int = MAX_COORDINATE_DIGITS) -> ActionGrammar:
     """The `ActionGrammar` of `template`'s action answer for this tokenizer and a model whose
-    logits have `vocab_size` columns (at least the tokenizer's size)."""
+    logits have `vocab_size` columns (at least the tokenizer's size).
+
+    `visual_trace=True`: the answer starts with a visual trace of 1 to `max_trace_points` points,
+    written as `codec.format_answer` writes it (non-negative integers of up to
+    `max_coordinate_digits` digits, no leading zeros, ", " between numbers and points).
+    """
     template = codec.get_template(template)
+    for name, value in (("max_trace_points", max_trace_points), ("max_coordinate_digits", max_coordinate_digits)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     if eos_id is None:
         raise ValueError("constrained decoding needs a tokenizer with an eos_token (the answer ends with it)")
-    prefix = " " + template.action_prefix + "["   # the answer follows "ASSISTANT:" after one space
+    # The answer follows "ASSISTANT:" after one space. With a trace, the fixed words end at the
+    # first point's "[" and the words between the trace and the action are a second literal.
+    if visual_trace:
+        prefix = " " + template.trace_prefix + "[["
+        between = template.trace_suffix + template.action_prefix + "["   # after the trace's closing "]"
+        first_texts = tuple(_DIGITS) + ("10", "1023")
+    else:
+        prefix = " " + template.action_prefix + "["
+        between = ""
+        first_texts = ("0", "-0", "1.5")
 
     # The fixed words, as the tokenizer writes them after a prompt. Only the tokens common to every
     # way an answer can go on are forced: the last one may merge with what follows ("▁[" + "-" is
     # written "▁[-" by LLaMA-style tokenizers), and is left to the character automaton below.
     prompt = codec.build_prompt("x", template=template)     # every prompt ends "... ASSISTANT:"
     prompt_ids = tokenizer.encode(prompt)
-    variants = [tokenizer.encode(prompt + prefix + first) for first in ("0", "-0", "1.5")]
+    variants = [tokenizer.encode(prompt + prefix + first) for first in first_texts]
     common = []
     for column in zip(*variants):
         if len(set(column)) > 1:
@@ -186,21 +233,65 @@ def build_action_grammar(tokenizer, vocab_size: int, *, template=codec.TRAINING,
     anchor = tokenizer.encode("0", add_special_tokens=False)[-1]
     anchor_text = tokenizer.decode([anchor], **plain)
     surfaces = tokenizer.batch_decode([[anchor, t] for t in range(len(tokenizer))], **plain)
-    alphabet = set(literal) | set(_DIGITS + "-., ]")
+    alphabet = set(literal) | set(between) | set(_DIGITS + "-., ]") | (set("[") if visual_trace else set())
     special_ids = set(tokenizer.all_special_ids)
-    candidates = {}
+    candidates = {}                          # token id -> surface
     for token_id, text in enumerate(surfaces):
         surface = text[len(anchor_text):] if text.startswith(anchor_text) else None
         if surface and set(surface) <= alphabet and token_id not in special_ids:
             candidates[token_id] = surface
+    # Byte-fallback tokens ("<0x2C>" for ",") spell a character a second way, which the tokenizer
+    # never writes for a character that has a token of its own. Leaving those out changes no text
+    # the grammar accepts, only a spelling no trained model uses, and it makes the separators
+    # forced tokens (one allowed token), which the fast path feeds without a decode step of their own.
+    byte_fallback = {token_id for token_id in candidates
+                     if _BYTE_TOKEN.fullmatch(tokenizer.convert_ids_to_tokens(token_id) or "")}
+    spelled_otherwise = {surface for token_id, surface in candidates.items() if token_id not in byte_fallback}
+    by_first_char = {}                       # the candidate tokens (id, surface), by their first character
+    for token_id, surface in candidates.items():
+        if not (token_id in byte_fallback and surface in spelled_otherwise):
+            by_first_char.setdefault(surface[0], []).append((token_id, surface))
 
-    # Character automaton over `literal` and the numbers; states are tuples, numbered below.
+    # Character automaton over `literal`, the trace, `between` and the numbers; states are
+    # (kind, count, digits) tuples, numbered below. In a trace `count` is the point's index: it is
+    # what bounds the points, so it is carried through the point, with only the digit count of
+    # the coordinate being written (no more states than the bound needs).
+    after_literal = ("x", 0, 0) if visual_trace else ("start", 0, 0)
+
+    def coordinate_digit(kind, p, k, ch):
+        # A coordinate is written as str(int): no leading zero, so a first "0" ends it.
+        if ch not in _DIGITS:
+            return None
+        if k == 0:
+            return (kind, p, max_coordinate_digits if ch == "0" else 1)
+        return (kind, p, k + 1) if k < max_coordinate_digits else None
+
     def after(state, ch):
         kind, n, k = state
         if kind == "literal":
             if ch != literal[k]:
                 return None
-            return ("literal", 0, k + 1) if k + 1 < len(literal) else ("start", 0, 0)
+            return ("literal", 0, k + 1) if k + 1 < len(literal) else after_literal
+        # --- the visual trace: "[[x, y], [x, y]]", n = the point's index, k = digits so far
+        if kind == "x":
+            return ("x_comma", n, 0) if ch == "," and k > 0 else coordinate_digit("x", n, k, ch)
+        if kind == "x_comma":                            # after "x,": a space, then y
+            return ("y", n, 0) if ch == " " else None
+        if kind == "y":
+            return ("closed", n, 0) if ch == "]" and k > 0 else coordinate_digit("y", n, k, ch)
+        if kind == "closed":                             # after the point's "]": another point, or the end
+            if ch == "," and n + 1 < max_trace_points:
+                return ("comma", n, 0)
+            return ("between", 0, 0) if ch == "]" else None
+        if kind == "comma":                              # after "],": a space, then the next point's "["
+            return ("gap", n, 0) if ch == " " else None
+        if kind == "gap":
+            return ("x", n + 1, 0) if ch == "[" else None
+        if kind == "between":                            # the trace suffix and the action prefix
+            if ch != between[k]:
+                return None
+            return ("between", 0, k + 1) if k + 1 < len(between) else ("start", 0, 0)
+        # --- the action: 8 numbers, n = the number's index, k = digits so far
         if kind == "space":                              # after ",": a space, then the next number
             return ("start", n, 0) if ch == " " else None
         if kind == "start":
@@ -230,13 +321,16 @@ def build_action_grammar(tokenizer, vocab_size: int, *, template=codec.TRAINING,
         return state
 
     assert codec.NUMBER_SEPARATOR == ", ", "the automaton writes the separator as ',' then ' '"
-    first = ("literal", 0, 0) if literal else ("start", 0, 0)
+    first = ("literal", 0, 0) if literal else after_literal
     number_of = {first: len(forced_ids)}
     edges = {}                                           # (state number, token) -> state number
     frontier = [first]
     while frontier:
         state = frontier.pop()
-        for token_id, surface in candidates.items():
+        # Only tokens whose first character can follow are tried; in id order, so that states are
+        # numbered the same from run to run.
+        tried = sorted(token for ch in alphabet if after(state, ch) is not None for token in by_first_char.get(ch, ()))
+        for token_id, surface in tried:
             target = after_token(state, surface)
             if target is None:
                 continue
@@ -245,8 +339,9 @@ def build_action_grammar(tokenizer, vocab_size: int, *, template=codec.TRAINING,
                 frontier.append(target)
             edges[number_of[state], token_id] = number_of[target]
     if ("done", 0, 0) not in number_of:
-        raise ValueError(f"the tokenizer cannot write an action answer ({prefix.strip()!r} + numbers): "
-                         "no tokens for digits, '.', ', ' or ']'")
+        what = "an answer with a visual trace" if visual_trace else "an action answer"
+        raise ValueError(f"the tokenizer cannot write {what} ({prefix.strip()!r} + numbers): "
+                         f"no tokens for digits, '.', ', ' or ']'{', [' if visual_trace else ''}")
     done = number_of[("done", 0, 0)]
     finished = len(forced_ids) + len(number_of)
     edges[done, eos_id] = finished
@@ -256,40 +351,56 @@ def build_action_grammar(tokenizer, vocab_size: int, *, template=codec.TRAINING,
 
     num_states = finished + 1
     next_state = torch.full((num_states, max(vocab_size, len(tokenizer))), -1, dtype=torch.long)
+    predecessors = [set() for _ in range(num_states)]
     for (state, token_id), target in edges.items():
         next_state[state, token_id] = target
-    # Fewest tokens to the end: relax along the edges until nothing changes (a small DAG).
+        if state != finished:
+            predecessors[target].add(state)
+    # Fewest tokens to the end: a breadth-first search back from the finished state.
     unreachable = 10**9
     to_finish = [unreachable] * num_states
     to_finish[finished] = 0
-    changed = True
-    while changed:
-        changed = False
-        for (state, _), target in edges.items():
-            if state != finished and to_finish[target] + 1 < to_finish[state]:
+    queue = deque([finished])
+    while queue:
+        target = queue.popleft()
+        for state in predecessors[target]:
+            if to_finish[state] == unreachable:
                 to_finish[state] = to_finish[target] + 1
-                changed = True
-    return ActionGrammar(forced_ids, next_state, torch.tensor(to_finish), finished)
+                queue.append(state)
+    # The states that allow one token only. The finished state is not one (it ends the answer),
+    # even where the tokenizer's pad token is its EOS.
+    outgoing = [[] for _ in range(num_states)]
+    for (state, token_id), target in edges.items():
+        outgoing[state].append((token_id, target))
+    forced = [choices[0] if len(choices) == 1 and state != finished else None
+              for state, choices in enumerate(outgoing)]
+    return ActionGrammar(forced_ids, next_state, torch.tensor(to_finish), finished, forced)
 
 
-def action_grammar_for(loaded, template=codec.TRAINING) -> ActionGrammar:
-    """`build_action_grammar` for a loaded model, built once per template and kept with it."""
+def action_grammar_for(loaded, template=codec.TRAINING, *, visual_trace: bool = False) -> ActionGrammar:
+    """`build_action_grammar` for a loaded model, built once per template (and with or without a
+    visual trace) and kept with it."""
     template = codec.get_template(template)
     grammars = loaded.__dict__.setdefault("_action_grammars", {})
-    if template.name not in grammars or grammars[template.name][0] != template:
+    key = (template.name, bool(visual_trace))
+    if key not in grammars or grammars[key][0] != template:
         grammar = build_action_grammar(loaded.tokenizer, loaded.model.config.text_config.vocab_size,
-                                       template=template).to(loaded.model.device)
-        grammars[template.name] = (template, grammar)
-    return grammars[template.name][1]
+                                       template=template, visual_trace=visual_trace).to(loaded.model.device)
+        grammars[key] = (template, grammar)
+    return grammars[key][1]
+
+
+def _check_room(grammar: ActionGrammar, max_new_tokens: int) -> None:
+    if max_new_tokens < grammar.min_new_tokens:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is too small for a constrained answer: "
+                         f"it needs at least {grammar.min_new_tokens} tokens")
 
 
 class ActionLogitsProcessor(LogitsProcessor):
     """`ActionGrammar` for transformers' `generate` (one instance per call: it keeps the states)."""
 
     def __init__(self, grammar: ActionGrammar, prompt_length: int, max_new_tokens: int):
-        if max_new_tokens < grammar.min_new_tokens:
-            raise ValueError(f"max_new_tokens={max_new_tokens} is too small for a constrained action answer: "
-                             f"it needs at least {grammar.min_new_tokens} tokens")
+        _check_room(grammar, max_new_tokens)
         self.grammar, self.prompt_length, self.max_new_tokens = grammar, prompt_length, max_new_tokens
         self.states = None
 
@@ -345,7 +456,8 @@ def fast_generator_for(loaded) -> FastGenerator:
     """The `FastGenerator` of a loaded model: one, kept with it, as it holds the static caches and
     graphs (for 7B, 0.5 MB per cache slot and row: about 8 GB at batch 16 and 1,024 slots).
     `fast_generator_for(loaded).release()` frees them. On CUDA the decode step is compiled (H100,
-    7B: 6.5 instead of 8.4 ms a token; about 40 s once per batch size); LLARVA_FAST_COMPILE=0 opts out."""
+    7B: 6.5 instead of 8.4 ms a token; about 40 s once per batch size, and once more for the
+    multi-token step of constrained batch-1 calls); LLARVA_FAST_COMPILE=0 opts out."""
     generator = loaded.__dict__.get("_fast_generator")
     if generator is None:
         compile_step = loaded.device.type == "cuda" and os.environ.get(COMPILE_ENV, "1") != "0"
@@ -377,7 +489,19 @@ class _DecodeStep:
         self.pad_count = torch.zeros(batch, dtype=torch.long, device=device)       # left padding per row
         self.valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # False on padding slots
         self.logits = torch.zeros(batch, vocab_size, dtype=torch.float32, device=device)
+        self.last = torch.zeros(1, dtype=torch.long, device=device)   # wider steps: the chunk's last real token
         self.graph: torch.cuda.CUDAGraph | None = None
+
+    def widened(self, width: int) -> _DecodeStep:
+        """A step that feeds `width` tokens per row into this step's cache (the same K/V, slot and
+        padding tensors), with its own inputs, logits and graph."""
+        wide = copy.copy(self)
+        batch = self.token_ids.shape[0]
+        wide.token_ids = torch.zeros(batch, width, dtype=torch.long, device=self.token_ids.device)
+        wide.logits = torch.zeros_like(self.logits)
+        wide.last = torch.zeros_like(self.last)
+        wide.graph = None
+        return wide
 
 
 class FastGenerator:
@@ -394,14 +518,27 @@ class FastGenerator:
     compiles again (about a minute for 7B). If capture or compilation fails, the generator goes on
     eagerly and says why in `fallback_reason` (and a warning).
 
+    Multi-token decoding (constrained, batch 1): where the grammar forces the tokens after the
+    chosen one, they go into the same decode forward, through a second step of
+    `multi_token_width` tokens (its own graph; at most that many tokens a forward, a longer run
+    takes several). Greedy tokens are those of one token a forward; `last_decode_steps` counts
+    the sequential decode forwards of the last call. Only at batch 1: there the run is known on
+    the host after the step's one sync, and a wider step costs what a one-token step costs (both
+    read the weights once); at batch 16 a wider step is compute-bound and slows every token (H100:
+    21 instead of 9 ms a step with three tokens a row), so batches keep the one-token step.
+
     A captured graph reads the weights where they were at capture: in-place updates are seen, but
     after replacing parameter tensors (loading or merging other weights) call `release()`.
     """
 
-    def __init__(self, loaded, *, use_cuda_graphs: bool | None = None, compile: bool = False):
+    def __init__(self, loaded, *, use_cuda_graphs: bool | None = None, compile: bool = False,
+                 multi_token_width: int = 4):
         problem = fast_path_problem(loaded.model)
         if problem is not None:
             raise ValueError(f"FastGenerator cannot run this model: {problem}")
+        if isinstance(multi_token_width, bool) or not isinstance(multi_token_width, int) or multi_token_width < 2:
+            raise ValueError(f"multi_token_width: expected an int >= 2, got {multi_token_width!r}")
+        self.multi_token_width = multi_token_width
         self.loaded = loaded
         self.model = loaded.model
         self.language_model = loaded.model.model.language_model
@@ -419,6 +556,8 @@ class FastGenerator:
         self._cos = self._sin = None           # (capacity, head_dim) rotary tables, by position
         self._slot_ids = None
         self._steps: dict[int, _DecodeStep] = {}
+        self._wide_step: _DecodeStep | None = None      # batch 1, `multi_token_width` tokens, over _steps[1]'s cache
+        self.last_decode_steps = 0             # sequential decode forwards (after the prefill) of the last call
         self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
             else "past_key_values"      # transformers renamed it in 5.x
 
@@ -434,6 +573,7 @@ class FastGenerator:
     def release(self) -> None:
         """Free the static caches and the graphs (they are rebuilt on the next `generate`)."""
         self._steps.clear()
+        self._wide_step = None
         self._capacity = 0
         self._cos = self._sin = self._slot_ids = None
 
@@ -441,10 +581,16 @@ class FastGenerator:
 
     @torch.inference_mode()
     def generate(self, inputs, *, max_new_tokens: int = 128, constrained: bool = False, template=codec.TRAINING,
-                 logits_processor=None, ignore_eos: bool = False) -> torch.Tensor:
+                 visual_trace: bool = False, logits_processor=None, ignore_eos: bool = False,
+                 multi_token: bool | None = None) -> torch.Tensor:
         """The new tokens of each row, (B, n <= max_new_tokens), padded after EOS: `generate`'s
         output without the prompt. `ignore_eos`: never stop (benchmarks of fixed-length answers).
-        `logits_processor` (transformers' processors) runs eagerly on each step's logits."""
+        `constrained`, `template`, `visual_trace`: as `generate_text`'s.
+        `logits_processor` (transformers' processors) runs eagerly on each step's logits.
+        `multi_token`: feed each token's forced run in its decode forward (see the class; same
+        tokens, fewer forwards). None: wherever it can run, i.e. constrained, batch 1, no
+        `logits_processor` (it would not see the forced tokens' scores) and no `ignore_eos`;
+        False: one token a forward."""
         input_ids = inputs["input_ids"].to(self.device)
         attention_mask = inputs.get("attention_mask")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
@@ -458,14 +604,21 @@ class FastGenerator:
         eos_id = tokenizer.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
         batch = input_ids.shape[0]
+        can_multi_token = constrained and batch == 1 and logits_processor is None and not ignore_eos
+        if multi_token is None:
+            multi_token = can_multi_token
+        elif not isinstance(multi_token, bool):
+            raise ValueError(f"multi_token: expected True, False or None, got {multi_token!r}")
+        elif multi_token and not can_multi_token:
+            raise ValueError(f"multi_token=True: needs constrained=True, a batch of 1, no logits_processor and "
+                             f"ignore_eos=False; got constrained={constrained}, a batch of {batch}, "
+                             f"logits_processor={logits_processor!r}, ignore_eos={ignore_eos}")
 
         forced = torch.empty(batch, 0, dtype=torch.long, device=self.device)
         grammar = states = None
         if constrained:
-            grammar = action_grammar_for(self.loaded, template)
-            if max_new_tokens < grammar.min_new_tokens:
-                raise ValueError(f"max_new_tokens={max_new_tokens} is too small for a constrained action answer: "
-                                 f"it needs at least {grammar.min_new_tokens} tokens")
+            grammar = action_grammar_for(self.loaded, template, visual_trace=visual_trace)
+            _check_room(grammar, max_new_tokens)
             # The fixed words go in with the prompt: one forward for all of them.
             forced = torch.tensor(grammar.forced_ids, dtype=torch.long, device=self.device).expand(batch, -1)
             input_ids = torch.cat([input_ids, forced], dim=1)
@@ -474,7 +627,9 @@ class FastGenerator:
         prompt_length = input_ids.shape[1]
         to_generate = max_new_tokens - forced.shape[1]
 
-        step = self._prepare(batch, prompt_length + to_generate)
+        # A wide step writes (junk) K/V up to `multi_token_width - 1` slots past its last real token.
+        step = self._prepare(batch, prompt_length + to_generate + (self.multi_token_width if multi_token else 0),
+                             wide=multi_token)
         logits, cache = self._prefill(input_ids, attention_mask, extra)
         for layer in range(len(self.language_model.layers)):
             keys, values = _cache_layer(cache, layer)
@@ -485,6 +640,9 @@ class FastGenerator:
         step.valid[:, prompt_length:] = True
         step.pad_count.copy_((attention_mask == 0).sum(dim=1))
         step.slot.fill_(prompt_length)
+        self.last_decode_steps = 0
+        if multi_token:
+            return torch.cat([forced, self._decode_multi_token(step, logits, grammar, states, to_generate)], dim=1)
 
         tokens = torch.full((batch, to_generate), pad_id, dtype=torch.long, device=self.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
@@ -508,9 +666,46 @@ class FastGenerator:
                 break
             step.token_ids.copy_(next_tokens[:, None])
             self._run(step)
+            self.last_decode_steps += 1
             step.slot.add_(1)
             logits = step.logits
         return torch.cat([forced, tokens], dim=1)
+
+    def _decode_multi_token(self, step: _DecodeStep, logits, grammar: ActionGrammar, states,
+                            to_generate: int) -> torch.Tensor:
+        """`generate`'s loop for one row under a grammar, each chosen token and the forced run
+        after it fed in one forward (the wide step; a lone token goes through the one-token
+        step): the new tokens, (1, n)."""
+        wide, width = self._wide_step, self.multi_token_width
+        eos_id = self.loaded.tokenizer.eos_token_id
+        new_tokens = []
+        while True:
+            scores = grammar.mask(logits, states, to_generate - len(new_tokens))
+            next_token = scores.argmax(dim=-1)
+            states = grammar.advance(states, next_token)
+            token, state = torch.stack([next_token[0], states[0]]).tolist()   # the one sync per step
+            run, state = grammar.forced_run(state, to_generate - len(new_tokens) - 1)
+            chunk = [token, *run]
+            new_tokens += chunk
+            if len(new_tokens) == to_generate or eos_id in chunk:   # EOS can only end a chunk
+                break
+            states.fill_(state)
+            for start in range(0, len(chunk), width):   # a run longer than the wide step: several forwards
+                part = chunk[start:start + width]
+                if len(part) == 1:
+                    step.token_ids.fill_(part[0])
+                    self._run(step)
+                    logits = step.logits
+                else:
+                    # Padded with copies of the last token: their K/V land past the real ones, where
+                    # the next forward writes before any mask lets them be read.
+                    wide.token_ids.copy_(torch.tensor([part + part[-1:] * (width - len(part))]))
+                    wide.last.fill_(len(part) - 1)
+                    self._run(wide)
+                    logits = wide.logits
+                step.slot.add_(len(part))
+                self.last_decode_steps += 1
+        return torch.tensor([new_tokens], dtype=torch.long, device=self.device)
 
     def _prefill(self, input_ids, attention_mask, extra):
         """The model's own forward over the whole prompt: (last logits (B, vocab) float32, KV cache)."""
@@ -523,8 +718,9 @@ class FastGenerator:
 
     # --- static cache and the decode step --------------------------------------------------------
 
-    def _prepare(self, batch: int, length: int) -> _DecodeStep:
-        """The decode step for `batch` rows, its cache at least `length` slots long."""
+    def _prepare(self, batch: int, length: int, wide: bool = False) -> _DecodeStep:
+        """The decode step for `batch` rows, its cache at least `length` slots long; `wide` (batch 1):
+        also the step of `multi_token_width` tokens over the same cache."""
         if length > self._capacity:
             self._set_capacity(_round_up(length, 128))
         step = self._steps.get(batch)
@@ -534,14 +730,23 @@ class FastGenerator:
                            attention.head_dim)
             step = self._steps[batch] = _DecodeStep(batch, self._capacity, self.lm_head.weight.shape[0], cache_shape,
                                                     self.dtype, self.device)
-            if self.use_cuda_graphs:
-                self._capture(step)
-            elif self.compiled:
-                self._run(step)      # compile now, not inside the first timed step
+            self._make_ready(step)
+        if wide and self._wide_step is None:
+            self._wide_step = step.widened(self.multi_token_width)
+            step.slot.zero_()        # its warm-up writes `multi_token_width` slots from here: inside the cache
+            self._make_ready(self._wide_step)
         return step
+
+    def _make_ready(self, step: _DecodeStep) -> None:
+        """Capture (or compile) a new step now, not inside the first timed forward."""
+        if self.use_cuda_graphs:
+            self._capture(step)
+        elif self.compiled:
+            self._run(step)
 
     def _set_capacity(self, capacity: int) -> None:
         self._steps.clear()          # free the old caches (and the graphs that point into them) first
+        self._wide_step = None
         self._capacity = capacity
         # cos/sin for every position, from the model's own rotary module (same values as its forward).
         positions = torch.arange(capacity, device=self.device)[None]
@@ -551,34 +756,39 @@ class FastGenerator:
         self._slot_ids = torch.arange(capacity, device=self.device)
 
     def _decode_forward(self, step: _DecodeStep) -> None:
-        """One token per row through the language model, its K/V into the static cache, the
-        logits into `step.logits`. Fixed shapes and no host synchronisation: graph-capturable."""
-        batch = step.token_ids.shape[0]
-        slot = step.slot.view(1)
-        positions = step.slot - step.pad_count                          # (B,)
-        cos = self._cos[positions][:, None, None, :]                    # (B, 1, 1, head_dim)
-        sin = self._sin[positions][:, None, None, :]
-        visible = step.valid & (self._slot_ids <= step.slot)            # (B, capacity)
-        mask = visible[:, None, None, :]
-        hidden = self.language_model.embed_tokens(step.token_ids)      # (B, 1, hidden)
+        """W tokens per row (W = 1 but in the wide step) through the language model, their K/V
+        into the static cache from slot `step.slot` on, the logits after token `step.last` (W > 1)
+        or the one token into `step.logits`. Fixed shapes and no host synchronisation:
+        graph-capturable."""
+        batch, width = step.token_ids.shape
+        slots = step.slot + self._slot_ids[:width]                      # (W,)
+        positions = slots - step.pad_count[:, None]                     # (B, W)
+        cos = self._cos[positions][:, None]                             # (B, 1, W, head_dim)
+        sin = self._sin[positions][:, None]
+        # Each token sees the prompt and the tokens up to itself (causal within the chunk).
+        visible = step.valid[:, None, :] & (self._slot_ids <= slots[:, None])   # (B, W, capacity)
+        mask = visible[:, None]
+        hidden = self.language_model.embed_tokens(step.token_ids)      # (B, W, hidden)
         for index, layer in enumerate(self.language_model.layers):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
             head_dim = attention.head_dim
-            q = attention.q_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
-            k = attention.k_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
-            v = attention.v_proj(x).view(batch, 1, -1, head_dim).transpose(1, 2)
+            q = attention.q_proj(x).view(batch, width, -1, head_dim).transpose(1, 2)
+            k = attention.k_proj(x).view(batch, width, -1, head_dim).transpose(1, 2)
+            v = attention.v_proj(x).view(batch, width, -1, head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             keys, values = step.keys[index], step.values[index]
-            keys.index_copy_(2, slot, k)
-            values.index_copy_(2, slot, v)
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
             groups = q.shape[1] // keys.shape[1]
             if groups > 1:
                 keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attention.scaling)
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if width > 1:
+            hidden = hidden.index_select(1, step.last)                  # (B, 1, hidden)
         step.logits.copy_(self.lm_head(self.language_model.norm(hidden))[:, 0])
 
     def _run(self, step: _DecodeStep) -> None:
@@ -596,8 +806,8 @@ class FastGenerator:
     def _capture(self, step: _DecodeStep) -> None:
         """Record `step`'s decode forward as a CUDA graph; on failure, run eagerly from now on.
 
-        Runs before the prefill fills the cache: the warm-up writes junk K/V into slot `step.slot`,
-        which a later write overwrites before any mask lets it be read.
+        Runs before the prefill fills the cache: the warm-up writes junk K/V into the slots from
+        `step.slot` on, which later writes overwrite before any mask lets them be read.
         """
         try:
             # Warm up on a side stream (cuBLAS handles, lazy inits, compilation), as PyTorch's docs ask.
@@ -617,8 +827,9 @@ class FastGenerator:
             except Exception:      # noqa: BLE001 - the capture error is the one worth reporting
                 pass
             self.use_cuda_graphs = False
-            for other in self._steps.values():
-                other.graph = None
+            for other in [*self._steps.values(), self._wide_step]:
+                if other is not None:
+                    other.graph = None
             self.fallback_reason = f"CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly"
             warnings.warn(self.fallback_reason, RuntimeWarning, stacklevel=3)
 

@@ -63,8 +63,9 @@ class LlarvaPolicy:
 
     `generation_method` ("auto", "hf", "fast") and `constrained` go to
     `llarva_policy.generation.generate_text`: "auto" uses the fast decoder on CUDA and transformers'
-    `generate` elsewhere; `constrained=True` lets the model write only well-formed action answers
-    (not with a visual trace). `logits_processor` (a `transformers.LogitsProcessorList` or a list
+    `generate` elsewhere; `constrained=True` lets the model write only well-formed answers (with a
+    visual trace of at most `generation.MAX_TRACE_POINTS` points when `with_visual_trace=True`),
+    so every answer parses. `logits_processor` (a `transformers.LogitsProcessorList` or a list
     of processors) is passed to every generation call, e.g. to force a known answer in tests; it is
     a plain attribute and may be set after construction.
     """
@@ -80,9 +81,6 @@ class LlarvaPolicy:
         if not (isinstance(history_noise, (int, float)) and np.isfinite(history_noise) and history_noise >= 0):
             raise ValueError(f"history_noise: expected a finite number >= 0 (LLARVA trains with 0.01), "
                              f"got {history_noise!r}")
-        if constrained and with_visual_trace:
-            raise ValueError("constrained=True covers action answers only; it cannot be combined with "
-                             "with_visual_trace=True")
         self.loaded = loaded
         self.generation_method = generation_method
         self.constrained = constrained
@@ -196,7 +194,8 @@ class LlarvaPolicy:
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
         return generate_text(loaded, inputs, max_new_tokens=self.max_new_tokens,
                              logits_processor=self.logits_processor, method=self.generation_method,
-                             constrained=self.constrained, template=self.template)
+                             constrained=self.constrained, template=self.template,
+                             visual_trace=self.with_visual_trace)
 
     def _hold_action(self, batch, i: int) -> np.ndarray:
         gripper = batch["gripper_open"]

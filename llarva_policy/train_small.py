@@ -37,9 +37,9 @@ one tar, the summary, both results files, one rollout video): a device run write
 into its output folder, so a run stopped by a time limit still returns what it had.
 
 Reproducibility: demos, annotations, tokenizer, initialisation, data order and evaluation episodes
-are functions of the seeds. With `max_steps=None` the number of steps is chosen from the measured
-speed to fill `train_seconds` and recorded in the summary; pass it back as `max_steps` to repeat a
-run step for step. On CUDA, deterministic kernels are asked for where PyTorch has them.
+are functions of the seeds. With `max_steps=None` the learning-rate schedule runs on the clock
+to fill `train_seconds`, and the steps made are recorded in the summary; pass them back as
+`max_steps` to repeat a run on the step schedule. On CUDA, deterministic kernels are asked for where PyTorch has them.
 """
 
 from __future__ import annotations
@@ -268,11 +268,18 @@ class ImageNormalizer:
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def learning_rate(step: int, total: int, *, peak: float, warmup: int, final_fraction: float = 0.1) -> float:
-    """Linear warm-up over `warmup` steps, then a cosine from `peak` down to `final_fraction * peak`."""
+def learning_rate(step: int, total: int | None, *, peak: float, warmup: int, final_fraction: float = 0.1,
+                  progress: float | None = None) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine from `peak` down to `final_fraction * peak`.
+
+    The cosine follows `(step - warmup) / (total - warmup)`, or `progress` (0 to 1) if given: a
+    run on a clock passes the fraction of its time budget spent since the warm-up.
+    """
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if progress is None:
+        progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, max(0.0, progress))
     return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -306,12 +313,15 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
                 lr: float = 1e-3, warmup_steps: int = 200, weight_decay: float = 0.01, max_steps: int | None = None,
                 train_seconds: float = 300.0, seed: int = 0, bf16: bool | None = None,
                 checkpoint_seconds: float = 60.0, on_checkpoint=None, log_every: int = 25,
-                probe_steps: tuple[int, int] = (10, 30), progress: bool = True) -> dict:
+                progress: bool = True) -> dict:
     """Train every weight of `model` on `data` (on `device`); returns the training log.
 
-    Stops after `max_steps`, or when `train_seconds` have passed. `max_steps=None` measures the
-    speed over steps `probe_steps` and sets `max_steps` so that the cosine schedule ends with
-    the budget. `on_checkpoint(model, log)` is called every `checkpoint_seconds` and at the end.
+    Stops after `max_steps`, or when `train_seconds` have passed. With `max_steps=None` the
+    cosine schedule runs on the clock, ending with `train_seconds`: a step count guessed from an
+    early speed would be wrong whenever the machine's load changes (other runs starting or
+    ending beside this one). The steps made are recorded as `max_steps`; passing that back
+    repeats the run on the step schedule. `on_checkpoint(model, log)` is called every
+    `checkpoint_seconds` and at the end.
     """
     bf16 = device.type == "cuda" if bf16 is None else bf16
     model.to(device).train()
@@ -323,19 +333,19 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
     if samples < batch_size:
         batch_size = samples
 
-    auto_steps = max_steps is None
-    total = max_steps if max_steps is not None else 10 ** 9    # set once the speed is known
-    warmup = min(warmup_steps, max(1, total // 10))
-    log = {"max_steps": None if auto_steps else total, "max_steps_chosen": "auto" if auto_steps else "given",
+    on_clock = max_steps is None
+    total = max_steps if max_steps is not None else 10 ** 9
+    warmup = warmup_steps if on_clock else min(warmup_steps, max(1, total // 10))
+    log = {"max_steps": None if on_clock else total, "max_steps_chosen": "clock" if on_clock else "given",
            "batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "weight_decay": weight_decay,
            "bf16": bf16, "samples": samples, "steps": 0, "epochs": 0.0, "seconds": 0.0, "stopped_by": None,
            "history": []}
     started = time.perf_counter()
     last_checkpoint = started
-    probe_start = None
+    warmup_ended = None        # when the clock's cosine starts
     lengths = data.lengths.cpu()    # batch lengths read on the CPU: no wait for the GPU
     permutation, position = torch.randperm(samples, generator=order), 0
-    bar = tqdm(total=None if auto_steps else total, desc="train-small", unit="step", disable=not progress,
+    bar = tqdm(total=None if on_clock else total, desc="train-small", unit="step", disable=not progress,
                dynamic_ncols=True)
     step = 0
 
@@ -361,8 +371,13 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
             labels = data.labels[index, :length]
             pixel_values = normalize(data.images[index])
 
+            clock = None
+            if on_clock and step >= warmup:
+                warmup_ended = warmup_ended or time.perf_counter()
+                spent = time.perf_counter() - warmup_ended
+                clock = spent / max(1e-9, train_seconds - (warmup_ended - started))
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total, peak=lr, warmup=warmup)
+                group["lr"] = learning_rate(step, total, peak=lr, warmup=warmup, progress=clock)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, accuracy = answer_loss(model, input_ids, labels, pixel_values)
             optimizer.zero_grad(set_to_none=True)
@@ -371,18 +386,6 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
             optimizer.step()
             step += 1
 
-            if auto_steps and step in probe_steps:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if step == probe_steps[0]:
-                    probe_start = time.perf_counter()
-                else:
-                    seconds_per_step = (time.perf_counter() - probe_start) / (probe_steps[1] - probe_steps[0])
-                    left = train_seconds - (time.perf_counter() - started)
-                    total = max(step + 1, step + int(0.97 * left / seconds_per_step))
-                    warmup = min(warmup_steps, max(1, total // 10))
-                    log.update(max_steps=total, warmup_steps=warmup, probe_seconds_per_step=seconds_per_step)
-                    bar.total = total
             if step % log_every == 0 or step == total:   # reading the loss waits for the GPU: not every step
                 entry = log_entry(loss, accuracy)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['answer_token_accuracy']:.3f}",
@@ -402,7 +405,7 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
     log.update(steps=step, epochs=round(step * batch_size / samples, 3),
                seconds=round(time.perf_counter() - started, 2),
                final_loss=log["history"][-1]["loss"] if log["history"] else None)
-    if auto_steps and log["max_steps"] is None:   # stopped before the probe ended
+    if on_clock:
         log["max_steps"] = step
     model.eval()
     if on_checkpoint is not None:
@@ -454,14 +457,22 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                 lr: float = 1e-3, warmup_steps: int = 200, weight_decay: float = 0.01,
                 checkpoint_seconds: float = 60.0, eval_episodes: int = 25, eval_num_envs: int = 8,
                 eval_seed: int = 0, eval_episode_length: int | None = None, expert_baseline: bool = True,
-                device=None, export=None, isolate_evaluation: bool | None = None, progress: bool = True) -> dict:
+                visual_trace: bool = False, trace_points: int = 10, history_noise: float = 0.0,
+                render_quality: str = "fast", device=None, export=None, isolate_evaluation: bool | None = None,
+                progress: bool = True) -> dict:
     """Record demos, annotate, train a small LLaVA from scratch, evaluate it and the expert; returns the summary.
 
     See the module docstring for the steps and what `out` and `export` receive. Training stops
     after `max_steps` or `train_seconds`; with `run_seconds` (a budget for the whole call, as a
     device run has), also early enough to leave `eval_reserve_seconds` for the evaluations.
     Rerunning into the same `out` continues the demos, keeps a finished model (trained with the
-    same options) and continues the evaluations. `isolate_evaluation`: run each evaluation in a
+    same options) and continues the evaluations. `eval_episodes=0` skips both evaluations (run
+    `llarva eval` on the model folder later, e.g. on another machine).
+
+    `visual_trace`: the answers also hold the end effector's future path in the image
+    (`trace_points` points), LLARVA's visual trace, written before the action; `history_noise`:
+    sigma (radians) of the noise on the joint history in the training text, as LLARVA's 0.01;
+    `render_quality`: the env's rendering for the demos and the evaluation ("high": shadows). `isolate_evaluation`: run each evaluation in a
     fresh process (default: when this process has started CUDA; see the evaluation step).
     """
     from llarva_gym.recording import record_demos
@@ -475,11 +486,15 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     if size not in SHAPES:
         raise ValueError(f"size: expected one of {sorted(SHAPES)}, got {size!r}")
     for name, value in (("demos", demos), ("batch_size", batch_size), ("eval_num_envs", eval_num_envs),
-                        ("processes", processes)):
+                        ("processes", processes), ("trace_points", trace_points)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
         raise ValueError(f"max_steps: expected None (fill train_seconds) or an int >= 1, got {max_steps!r}")
+    if isinstance(eval_episodes, bool) or not isinstance(eval_episodes, int) or eval_episodes < 0:
+        raise ValueError(f"eval_episodes: expected an int >= 0 (0: no evaluation), got {eval_episodes!r}")
+    if render_quality not in ("fast", "high"):
+        raise ValueError(f"render_quality: expected 'fast' or 'high', got {render_quality!r}")
     if not train_seconds > 0:
         raise ValueError(f"train_seconds: expected a number > 0, got {train_seconds!r}")
     out = Path(out).expanduser().resolve()
@@ -489,10 +504,13 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     # What the trained model depends on (a finished model trained with other options is not reused).
     options = {"task": task, "demos": demos, "size": size, "demo_seed": demo_seed, "seed": seed,
                "train_seconds": train_seconds, "run_seconds": run_seconds, "max_steps": max_steps,
-               "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay}
+               "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay,
+               "visual_trace": bool(visual_trace), "trace_points": trace_points if visual_trace else None,
+               "history_noise": history_noise, "render_quality": render_quality}
     summary = {"task": task, "options": options,
                "evaluation": {"episodes": eval_episodes, "seed": eval_seed, "episode_length": eval_episode_length,
-                              "num_envs": eval_num_envs, "decoding": "greedy, constrained"},
+                              "num_envs": eval_num_envs, "render_quality": render_quality,
+                              "decoding": "greedy, constrained" + (", visual trace" if visual_trace else "")},
                "device": str(device), "torch": torch.__version__, "stages": {}}
 
     def save_summary():
@@ -509,9 +527,10 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
 
     # 1-2. demos and annotations
     recorded = record_demos(task, demos, data_root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
-                            seed=demo_seed, progress=progress)
+                            seed=demo_seed, render_quality=render_quality, progress=progress)
     stage("demos", episodes=recorded["episodes"], seconds=recorded["seconds"], failures=len(recorded["failures"]))
-    annotate(data_root, annotations_path, task, seed=seed, progress=progress)
+    annotate(data_root, annotations_path, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
+             history_noise=history_noise, progress=progress)
     entries = load_annotations(annotations_path, data_root)
     stage("annotations", samples=len(entries))
 
@@ -563,6 +582,12 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         stage("training", steps=log["steps"], epochs=log["epochs"], seconds=log["seconds"],
               final_loss=log["final_loss"], stopped_by=log["stopped_by"])
 
+    if eval_episodes == 0:
+        save_summary()
+        if progress:
+            print(format_summary(summary))
+        return summary
+
     # 6. evaluation: the trained policy, then the scripted expert on the same episodes. The env
     # workers are forked; a process forked after CUDA has started cannot make an EGL context, so
     # once this process has used CUDA, each evaluation runs in a fresh process, and the policy is
@@ -570,12 +595,13 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     eval_dir = out / "eval"
     isolate = torch.cuda.is_initialized() if isolate_evaluation is None else isolate_evaluation
     common = dict(task=task, episodes=eval_episodes, episode_length=eval_episode_length, num_envs=eval_num_envs,
-                  seed=eval_seed, progress=progress)
+                  seed=eval_seed, render_quality=render_quality, progress=progress)
     results_path = (export or eval_dir) / f"train_small_{task}_eval.json"
     # Videos need ffmpeg (imageio-ffmpeg); a machine without it (the lent GPU host) skips them and
     # a rollout video is made afterwards with `llarva eval --video`.
     can_write_video = importlib.util.find_spec("imageio_ffmpeg") is not None
     results = _run(_evaluate, isolate, checkpoint=str(model_dir), device=str(device), name=f"train-small:{task}",
+                   visual_trace=visual_trace,
                    video_dir=str(eval_dir / "videos") if can_write_video else None,
                    results_path=str(results_path), **common)
     summary["eval"] = {**results["summary"], "parse_errors": sum(r["parse_errors"] for r in results["episodes"]),
@@ -601,14 +627,15 @@ class LazyPolicy:
     """A `LlarvaPolicy` (constrained decoding) loaded at its first `predict`, so that `evaluate`
     forks its env workers before this process starts CUDA."""
 
-    def __init__(self, checkpoint, device=None, name: str | None = None):
-        self.checkpoint, self.device, self.name = checkpoint, device, name
+    def __init__(self, checkpoint, device=None, name: str | None = None, visual_trace: bool = False):
+        self.checkpoint, self.device, self.name, self.visual_trace = checkpoint, device, name, visual_trace
         self.policy = None
 
     def predict(self, observation, state=None, episode_start=None, deterministic: bool = True):
         if self.policy is None:
             from llarva_policy.policy import LlarvaPolicy
-            self.policy = LlarvaPolicy.from_pretrained(self.checkpoint, device=self.device, constrained=True)
+            self.policy = LlarvaPolicy.from_pretrained(self.checkpoint, device=self.device, constrained=True,
+                                                       with_visual_trace=self.visual_trace)
         return self.policy.predict(observation, state=state, episode_start=episode_start, deterministic=deterministic)
 
     @property
@@ -616,7 +643,7 @@ class LazyPolicy:
         return self.policy.last_info if self.policy is not None else []
 
 
-def _evaluate(checkpoint, task, *, device=None, name=None, **options) -> dict:
+def _evaluate(checkpoint, task, *, device=None, name=None, visual_trace: bool = False, **options) -> dict:
     """`evaluate` for a checkpoint (LazyPolicy) or, with `checkpoint=None`, the scripted expert.
 
     The fast decoder's `torch.compile` stays off unless asked for (LLARVA_FAST_COMPILE): it
@@ -626,7 +653,7 @@ def _evaluate(checkpoint, task, *, device=None, name=None, **options) -> dict:
     from llarva_gym.evaluation import evaluate
     from llarva_policy.generation import COMPILE_ENV
 
-    policy = "expert" if checkpoint is None else LazyPolicy(checkpoint, device, name)
+    policy = "expert" if checkpoint is None else LazyPolicy(checkpoint, device, name, visual_trace)
     previous = os.environ.get(COMPILE_ENV)
     os.environ[COMPILE_ENV] = previous if previous is not None else "0"
     try:

@@ -166,6 +166,45 @@ def test_resume_refuses_a_folder_recorded_otherwise(tmp_path):
         record_demos("juggle_plates", 2, tmp_path / "new", progress=False)
 
 
+def test_render_quality_high_changes_the_images_only_and_is_checked_on_resume(tmp_path):
+    task, options = "reach_target", dict(image_size=32, cameras=("front",), seed=0, progress=False)
+    record_demos(task, 1, tmp_path / "fast", **options)
+    record_demos(task, 1, tmp_path / "high", render_quality="high", **options)
+    assert [r["render_quality"] for r in episode_info(tmp_path / "fast", task)] == ["fast"]
+    assert [r["render_quality"] for r in episode_info(tmp_path / "high", task)] == ["high"]
+    fast, high = (load_demo(episode_dirs(tmp_path / name, task)[0]) for name in ("fast", "high"))
+    # Rendering is not physics: the same episode, step for step, seen with shadows.
+    assert len(fast) == len(high) > 10
+    for fast_obs, high_obs in zip(fast, high):
+        np.testing.assert_array_equal(fast_obs.joint_positions, high_obs.joint_positions)
+    first_png = "episode0/front_rgb/0.png"
+    assert (episodes_dir(tmp_path / "fast", task) / first_png).read_bytes() != \
+        (episodes_dir(tmp_path / "high", task) / first_png).read_bytes()
+    assert np.abs(fast[0].front_rgb.astype(int) - high[0].front_rgb.astype(int)).max() > 20
+
+    # A folder resumes only with the quality it was recorded with, from the API and the command line.
+    with pytest.raises(ValueError, match="render_quality: recorded 'high', asked 'fast'"):
+        record_demos(task, 2, tmp_path / "high", **options)
+    args = ["demos", "--task", task, "--episodes", "1", "--out", str(tmp_path / "high"), "--image-size", "32"]
+    with pytest.raises(ValueError, match="render_quality: recorded 'high', asked 'fast'"):
+        cli.main(args)
+    cli.main([*args, "--render-quality", "high"])   # the same options: nothing left to record
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--render-quality", "ultra"])
+
+    # Episodes recorded before render_quality was stored were rendered "fast", and resume so.
+    info_path = episodes_dir(tmp_path / "fast", task) / "episode0" / recording.EPISODE_INFO
+    old = {key: value for key, value in json.loads(info_path.read_text()).items() if key != "render_quality"}
+    info_path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="render_quality: recorded 'fast', asked 'high'"):
+        record_demos(task, 2, tmp_path / "fast", render_quality="high", **options)
+    assert record_demos(task, 2, tmp_path / "fast", **options)["episodes_written"] == 1
+    assert [r.get("render_quality") for r in episode_info(tmp_path / "fast", task)] == [None, "fast"]
+
+    with pytest.raises(ValueError, match="render_quality: expected 'fast' or 'high', got 'ultra'"):
+        record_demos(task, 1, tmp_path / "bad", render_quality="ultra", **options)
+
+
 def test_failing_expert_stops_at_max_attempts_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(recording, "_run_attempt",
                         lambda index: recording.Attempt(index, 0, 120, False, "no success within 120 steps"))

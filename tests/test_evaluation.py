@@ -13,6 +13,7 @@ import llarva_gym  # noqa: F401
 from llarva_gym import ScriptedExpert
 from llarva_gym.demos import Demo, episode_path, load_demo, save_demo
 from llarva_gym.evaluation import _video_frame, episode_reset_seed, evaluate, print_summary
+from llarva_policy import cli
 
 RECORD_KEYS = {"index", "reset_seed", "episode_seed", "variation", "instruction", "success", "steps", "seconds",
                "parse_errors"}
@@ -83,6 +84,38 @@ def test_rerun_resumes_after_a_kill_without_redoing_episodes(tmp_path):
     assert again.calls == 0
     with pytest.raises(ValueError, match="another run.*seed: 0 there, 1 now"):
         evaluate(StandStill(), "reach_target", episodes=3, episode_length=3, results_path=path, seed=1, progress=False)
+
+
+def test_render_quality_is_the_envs_and_part_of_the_run(tmp_path):
+    path, options = tmp_path / "results.json", dict(episodes=1, episode_length=2, progress=False)
+    high, fast = StandStill(), StandStill()
+    results = evaluate(high, "reach_target", results_path=path, render_quality="high", **options)
+    evaluate(fast, "reach_target", **options)
+    assert results["render_quality"] == json.loads(path.read_text())["render_quality"] == "high"
+    # The same episode seen with shadows: other pixels, the same robot.
+    high_first, fast_first = high.first_observations[0], fast.first_observations[0]
+    assert np.abs(high_first["front_rgb"].astype(int) - fast_first["front_rgb"].astype(int)).max() > 20
+    np.testing.assert_array_equal(high_first["joint_positions"], fast_first["joint_positions"])
+
+    with pytest.raises(ValueError, match="another run.*render_quality: 'high' there, 'fast' now"):
+        evaluate(StandStill(), "reach_target", results_path=path, **options)
+    # The command line passes it through.
+    cli_path = tmp_path / "cli.json"
+    args = ["eval", "--policy", "expert", "--task", "reach_target", "--episodes", "1", "--episode-length", "2",
+            "--results", str(cli_path)]
+    cli.main([*args, "--render-quality", "high"])
+    assert json.loads(cli_path.read_text())["render_quality"] == "high"
+    with pytest.raises(ValueError, match="render_quality: 'high' there, 'fast' now"):
+        cli.main(args)
+
+    # A results file from before render_quality was recorded is of a "fast" run.
+    old = {key: value for key, value in json.loads(path.read_text()).items() if key != "render_quality"}
+    path.write_text(json.dumps(old))
+    again = StandStill()
+    assert evaluate(again, "reach_target", results_path=path, **options)["episodes"] == old["episodes"]
+    assert again.calls == 0
+    with pytest.raises(ValueError, match="render_quality: 'fast' there, 'high' now"):
+        evaluate(StandStill(), "reach_target", results_path=path, render_quality="high", **options)
 
 
 def test_videos_have_one_frame_per_step_plus_the_first(tmp_path):
@@ -171,6 +204,8 @@ def test_bad_arguments():
         evaluate("random", "reach_target", episodes=1)
     with pytest.raises(ValueError, match="episodes"):
         evaluate("expert", "reach_target", episodes=-1)
+    with pytest.raises(ValueError, match="render_quality: expected 'fast' or 'high', got 'ultra'"):
+        evaluate("expert", "reach_target", episodes=1, render_quality="ultra")
 
 
 def test_module_does_not_import_torch():

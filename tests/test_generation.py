@@ -218,6 +218,259 @@ def test_grammar_for_another_template(tiny):
     assert codec.parse_answer(text, template=template).action.shape == (8,)
 
 
+# --- constrained decoding with a visual trace ------------------------------------------------------
+
+TRACE_ACTION = [-0.1234, 0.5, 1.0, -2.0, 0.0, 0.0001, -0.0, 1.0]
+
+
+def trace_question(seed=0):
+    rng = np.random.default_rng(seed)
+    return codec.build_question(INSTRUCTIONS[seed % 3], codec.format_history([rng.uniform(-1, 1, 7)]),
+                                visual_trace=True)
+
+
+def walk(tokenizer, grammar, question, answer_text):
+    """`answer_text`'s tokens, as fine-tuning tokenizes them within the conversation, through the
+    grammar: (final state, None) if every token is allowed, else (None, the text before the first
+    token that is not, that token's text)."""
+    prompt_ids = tokenizer.encode(codec.build_prompt(question))
+    ids = tokenizer.encode(codec.build_conversation_text(question, answer_text))
+    assert ids[:len(prompt_ids)] == prompt_ids
+    answer_ids = ids[len(prompt_ids):]
+    state = 0
+    for i, token_id in enumerate(answer_ids):
+        target = int(grammar.next_state[state, token_id])
+        if target < 0:
+            return None, (tokenizer.decode(answer_ids[:i]), tokenizer.decode(answer_ids[:i + 1]))
+        state = target
+    return state, None
+
+
+def test_trace_grammar_accepts_what_format_answer_writes(tiny):
+    tokenizer = tiny.tokenizer
+    grammar = action_grammar_for(tiny, visual_trace=True)
+    assert tokenizer.decode(grammar.forced_ids).startswith("The visual trace of the end effector:")
+    rng = np.random.default_rng(0)
+    traces = ([[0, 0]], [[64, 12], [0, 127], [1023, 5], [9999, 10], [7, 100]],
+              rng.integers(0, 640, (30, 2)), rng.integers(0, 10000, (64, 2)))
+    for seed, trace in enumerate(traces):
+        text = codec.format_answer(TRACE_ACTION, np.array(trace))
+        state, rejected = walk(tokenizer, grammar, trace_question(seed), text)
+        assert rejected is None and state == grammar.finished_state, (text, rejected)
+        np.testing.assert_array_equal(codec.parse_answer(text, expect_trace=True).trace, trace)
+    # An action answer alone is not a trace answer, and the action grammar takes no trace.
+    assert walk(tokenizer, grammar, trace_question(), codec.format_answer(TRACE_ACTION))[0] is None
+    text = codec.format_answer(TRACE_ACTION, np.array([[1, 2]]))
+    assert walk(tokenizer, action_grammar_for(tiny), trace_question(), text)[0] is None
+
+
+@pytest.mark.parametrize("trace_text, valid_part", [
+    ("[[-5, 3]]", "[["),                                  # a negative coordinate
+    ("[[64 12]]", "[[64"),                                # a missing comma
+    ("[[64, 12] [1, 2]]", "[[64, 12]"),                   # a missing comma between points
+    ("[[64, 12], [1, 12345]]", "[[64, 12], [1, 1234"),    # five digits
+    ("[[64, 07]]", "[[64, 0"),                            # a leading zero
+    ("[[64, 12], [1, 2], [3, 4]]", "[[64, 12], [1, 2]"),  # three points, two at most
+    ("[[]]", "[["),                                       # no point
+])
+def test_trace_grammar_rejects_a_malformed_trace_at_the_right_token(tiny, trace_text, valid_part):
+    grammar = build_action_grammar(tiny.tokenizer, tiny.model.config.text_config.vocab_size, visual_trace=True,
+                                   max_trace_points=2)
+    prefix = codec.TRAINING.trace_prefix
+    text = prefix + trace_text + codec.TRAINING.trace_suffix + codec.format_answer(TRACE_ACTION)
+    state, (before, through) = walk(tiny.tokenizer, grammar, trace_question(), text)
+    assert state is None
+    # The refused token is the one that holds the first bad character (it may merge with the
+    # good characters before it, as "▁[[-" does): everything before it was allowed.
+    bad = len(prefix + valid_part)
+    assert text.startswith(through) and len(before) <= bad < len(through), (before, through)
+
+
+def test_trace_grammar_size_grows_linearly_with_the_points(tiny):
+    vocab_size = tiny.model.config.text_config.vocab_size
+
+    def states(points):
+        return build_action_grammar(tiny.tokenizer, vocab_size, visual_trace=True,
+                                    max_trace_points=points).next_state.shape[0]
+
+    per_point = states(33) - states(32)
+    assert per_point <= 14 and states(64) - states(32) == 32 * per_point
+    with pytest.raises(ValueError, match="max_trace_points: expected an int >= 1"):
+        build_action_grammar(tiny.tokenizer, vocab_size, visual_trace=True, max_trace_points=0)
+
+
+@pytest.mark.parametrize("method", ["fast", "hf"])
+def test_constrained_trace_answers_always_parse_even_from_random_scores(tiny, method):
+    grammar = action_grammar_for(tiny, visual_trace=True)
+    prompts = [codec.build_prompt(trace_question(seed)) for seed in range(4)]
+    inputs = make_inputs(tiny, prompts, seed=7)
+    points, coordinates, actions = [], [], []
+    for seed, max_new_tokens in ((0, grammar.min_new_tokens), (1, 120), (2, 400)):
+        texts = generate_text(tiny, inputs, max_new_tokens=max_new_tokens, method=method, constrained=True,
+                              visual_trace=True, logits_processor=LogitsProcessorList([RandomScores(seed)]))
+        for text in texts:
+            assert text.startswith(codec.TRAINING.trace_prefix + "[[")
+            assert len(tiny.tokenizer.encode(text, add_special_tokens=False)) <= max_new_tokens + 1
+            parsed = codec.parse_answer(text, expect_trace=True)      # raises if it does not parse
+            assert 1 <= len(parsed.trace) <= 64 and (parsed.trace >= 0).all() and (parsed.trace < 10000).all()
+            if max_new_tokens == grammar.min_new_tokens:             # no room for more than one point
+                assert len(parsed.trace) == 1
+            points.append(len(parsed.trace))
+            coordinates.append(parsed.trace.ravel())
+            actions.append(parsed.action)
+    coordinates = np.concatenate(coordinates)
+    assert max(points) > 1 and len(np.unique(coordinates)) > 20 and (coordinates >= 1000).any()   # really varied
+    assert len(np.unique(np.concatenate(actions))) > 10
+
+
+class PreferTokens(LogitsProcessor):
+    """Adds a large bonus to some tokens: a model that always wants to go on."""
+
+    def __init__(self, token_ids):
+        self.token_ids = list(token_ids)
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.token_ids] += 100.0
+        return scores
+
+
+def test_long_traces_stop_at_max_points_and_close_within_the_budget(tiny):
+    tokenizer = tiny.tokenizer
+    commas = [i for i in range(len(tokenizer)) if "," in tokenizer.decode([i])]   # "another point", when allowed
+    inputs = make_inputs(tiny, [codec.build_prompt(trace_question(seed)) for seed in range(3)], seed=2)
+    grammar = build_action_grammar(tokenizer, tiny.model.config.text_config.vocab_size, visual_trace=True,
+                                   max_trace_points=3)
+    constrain = ActionLogitsProcessor(grammar, inputs["input_ids"].shape[1], 200)
+    new_tokens = hf_tokens(tiny, inputs, 200, logits_processor=LogitsProcessorList(
+        [RandomScores(0), PreferTokens(commas), constrain]))
+    for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True):
+        assert len(codec.parse_answer(text, expect_trace=True).trace) == 3, text
+    # The default grammar (64 points): the budget, not the bound, ends the trace, and in time.
+    for method in ("fast", "hf"):
+        texts = generate_text(tiny, inputs, max_new_tokens=150, method=method, constrained=True, visual_trace=True,
+                              logits_processor=LogitsProcessorList([RandomScores(1), PreferTokens(commas)]))
+        for text in texts:
+            assert len(tokenizer.encode(text, add_special_tokens=False)) <= 151
+            assert 3 < len(codec.parse_answer(text, expect_trace=True).trace) < 64, text
+
+
+def test_constrained_trace_greedy_matches_between_engines_and_grammars_are_cached(tiny):
+    inputs = make_inputs(tiny, [codec.build_prompt(trace_question(seed)) for seed in range(3)], seed=3)
+    fast = generate_text(tiny, inputs, max_new_tokens=100, method="fast", constrained=True, visual_trace=True)
+    hf = generate_text(tiny, inputs, max_new_tokens=100, method="hf", constrained=True, visual_trace=True)
+    assert fast == hf
+    for text in fast:
+        assert codec.parse_answer(text, expect_trace=True).trace.shape[1] == 2
+    traced = action_grammar_for(tiny, visual_trace=True)
+    assert action_grammar_for(tiny, visual_trace=True) is traced and action_grammar_for(tiny) is not traced
+    assert traced.min_new_tokens > action_grammar_for(tiny).min_new_tokens
+
+
+def test_constrained_trace_needs_room_for_the_shortest_answer(tiny):
+    grammar = action_grammar_for(tiny, visual_trace=True)
+    inputs = make_inputs(tiny, [codec.build_prompt(trace_question())])
+    for method in ("fast", "hf"):
+        with pytest.raises(ValueError, match=f"max_new_tokens={grammar.min_new_tokens - 1} is too small.*"
+                                             f"needs at least {grammar.min_new_tokens} tokens"):
+            generate_text(tiny, inputs, max_new_tokens=grammar.min_new_tokens - 1, method=method, constrained=True,
+                          visual_trace=True)
+    # The shortest answer is one point, "[[0, 0]]": exactly that many tokens with the EOS.
+    shortest = codec.format_answer([0.0] * 8, np.array([[0, 0]]))
+    question = trace_question()
+    ids = tiny.tokenizer.encode(codec.build_conversation_text(question, shortest))
+    answer_tokens = len(ids) - len(tiny.tokenizer.encode(codec.build_prompt(question)))
+    assert grammar.min_new_tokens <= answer_tokens
+
+
+# --- multi-token decoding: forced runs in one forward, batch 1 ---------------------------------------
+
+def test_grammar_forces_separators_and_leaves_out_byte_fallback_spellings(tiny):
+    tokenizer = tiny.tokenizer
+    grammar = action_grammar_for(tiny)
+    comma, close = tokenizer.convert_tokens_to_ids([",", "]"])
+    # The answer as fine-tuning tokenizes it; the grammar's state after each token, by the text so far.
+    question = trace_question()
+    prompt_ids = tokenizer.encode(codec.build_prompt(question))
+    text = codec.format_answer([0.1234, -0.5, 0, 0, 0, 0, 0, 0.5678])
+    ids = tokenizer.encode(codec.build_conversation_text(question, text))[len(prompt_ids):]
+    state_after = {}
+    state = 0
+    for i, token_id in enumerate(ids):
+        state = int(grammar.next_state[state, token_id])
+        state_after[tokenizer.decode(ids[:i + 1]).strip()] = state
+    after_decimals = state_after[codec.ANSWER_PREFIX + "0.1234"]
+    assert grammar.forced[after_decimals][0] == comma          # after a fourth decimal: "," and nothing else
+    assert grammar.next_state[after_decimals, tokenizer.convert_tokens_to_ids("<0x2C>")] < 0   # not its byte spelling
+    # The last number's fourth decimal: "]" then EOS, a forced run that ends the answer.
+    before_close = state_after[text[:-1]]
+    assert grammar.forced_run(before_close, 10) == ([close, tokenizer.eos_token_id], grammar.finished_state)
+    assert grammar.forced_run(before_close, 1)[0] == [close]                # within the budget given
+    assert grammar.forced[grammar.finished_state] is None
+    assert grammar.forced_run(grammar.after_forced, 10) == ([], grammar.after_forced)   # a choice: "[" or "[-"
+
+
+def answer_states(grammar, new_tokens):
+    """The grammar state before each generated token of one row (after the fixed words)."""
+    states, state = [], grammar.after_forced
+    for token_id in new_tokens[len(grammar.forced_ids):].tolist():
+        states.append(state)
+        state = int(grammar.next_state[state, token_id])
+    return states
+
+
+@pytest.mark.parametrize("visual_trace", [False, True], ids=["action", "trace"])
+def test_multi_token_gives_the_same_tokens_in_fewer_forwards(tiny, visual_trace):
+    grammar = action_grammar_for(tiny, visual_trace=visual_trace)
+    generator = FastGenerator(tiny)
+    narrow = FastGenerator(tiny, multi_token_width=2)     # runs longer than 1 forced token take two forwards
+    for seed in range(4):
+        question = trace_question(seed) if visual_trace else make_prompts(1, seed=seed)[0]
+        prompt = codec.build_prompt(question) if visual_trace else question
+        inputs = make_inputs(tiny, [prompt], seed=seed)
+        for max_new_tokens in (grammar.min_new_tokens, 100):
+            options = dict(max_new_tokens=max_new_tokens, constrained=True, visual_trace=visual_trace)
+            one = generator.generate(inputs, multi_token=False, **options)
+            one_steps = generator.last_decode_steps
+            multi = generator.generate(inputs, **options)                # auto: on at batch 1
+            multi_steps = generator.last_decode_steps
+            assert torch.equal(multi, one), (seed, max_new_tokens)
+            assert torch.equal(narrow.generate(inputs, **options), one), (seed, max_new_tokens)
+            # One forward per token but the last; with forced runs, one per chosen token but the last.
+            states = answer_states(grammar, one[0])
+            chosen = sum(grammar.forced[state] is None for state in states)
+            assert one_steps == len(states) - 1
+            assert multi_steps == chosen - 1 < one_steps, (seed, max_new_tokens)
+            assert narrow.last_decode_steps >= multi_steps
+        text = tiny.tokenizer.decode(multi[0], skip_special_tokens=True)
+        assert codec.parse_answer(text, expect_trace=visual_trace)
+        hf = generate_text(tiny, inputs, max_new_tokens=100, method="hf", constrained=True, visual_trace=visual_trace)
+        assert [text] == hf
+    if visual_trace:   # a 4-digit coordinate, then "," and " " forced: the narrow step split that run
+        assert narrow.last_decode_steps > multi_steps
+
+
+def test_multi_token_leaves_batches_and_unconstrained_decoding_alone(tiny):
+    generator = FastGenerator(tiny)
+    inputs = make_inputs(tiny, make_prompts(3, seed=6), seed=6)
+    one = generator.generate(inputs, max_new_tokens=64, constrained=True, multi_token=False)
+    one_steps = generator.last_decode_steps
+    assert torch.equal(generator.generate(inputs, max_new_tokens=64, constrained=True), one)   # auto: off
+    assert generator.last_decode_steps == one_steps and generator._wide_step is None
+    single = make_inputs(tiny, make_prompts(1, seed=6), seed=6)
+    plain = generator.generate(single, max_new_tokens=20)                                      # unconstrained
+    assert generator.last_decode_steps == plain.shape[1] - 1 and generator._wide_step is None
+    for bad in (dict(inputs=inputs, constrained=True), dict(inputs=single, constrained=False),
+                dict(inputs=single, constrained=True, ignore_eos=True),
+                dict(inputs=single, constrained=True, logits_processor=RandomScores(0))):
+        with pytest.raises(ValueError, match="multi_token=True: needs constrained=True, a batch of 1"):
+            generator.generate(max_new_tokens=64, multi_token=True, **bad)
+    with pytest.raises(ValueError, match="multi_token: expected True, False or None"):
+        generator.generate(single, max_new_tokens=64, constrained=True, multi_token="yes")
+    with pytest.raises(ValueError, match="multi_token_width: expected an int >= 2"):
+        FastGenerator(tiny, multi_token_width=1)
+
+
 # --- CUDA graphs ----------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -236,3 +489,13 @@ def test_cuda_graph_decoding_matches_eager_and_generate(tmp_path):
         texts = generate_text(loaded, inputs, max_new_tokens=64, constrained=True)   # auto: fast on CUDA
         assert all(codec.parse_answer(text) for text in texts)
     assert resolve_method("auto", loaded) == "fast"
+    # Batch 1, constrained: the captured wide step gives the one-token step's tokens in fewer forwards.
+    for visual_trace in (False, True):
+        inputs = make_inputs(loaded, [codec.build_prompt(trace_question(1))] if visual_trace else make_prompts(1))
+        options = dict(max_new_tokens=100, constrained=True, visual_trace=visual_trace)
+        one = graphed.generate(inputs, multi_token=False, **options)
+        one_steps = graphed.last_decode_steps
+        assert torch.equal(graphed.generate(inputs, multi_token=True, **options), one)
+        assert graphed._wide_step.graph is not None, graphed.fallback_reason
+        assert graphed.last_decode_steps < one_steps
+        assert torch.equal(eager.generate(inputs, multi_token=True, **options), one)

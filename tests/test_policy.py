@@ -150,6 +150,22 @@ def test_visual_trace_is_asked_for_and_reported(loaded):
     np.testing.assert_array_equal(info["trace"], TRACE)
 
 
+@pytest.mark.parametrize("method", ["hf", "fast"])
+def test_constrained_visual_trace_answers_from_a_random_model_always_parse(loaded, method):
+    policy = LlarvaPolicy(loaded, with_visual_trace=True, constrained=True, on_parse_error="raise",
+                          max_new_tokens=160, generation_method=method)
+    obs = stack([fake_observation(np.full(7, 0.1 * i), instruction, seed=i)
+                 for i, instruction in enumerate(["reach the red target", "sweep dirt to the dustpan", "open it"])])
+    state = None
+    for step in range(2):
+        actions, state = policy.predict(obs, state=state, episode_start=step == 0)   # raises if one does not parse
+        assert actions.shape == (3, 8) and np.isfinite(actions).all()
+        for info in policy.last_info:
+            assert info["parse_error"] is None
+            assert info["text"].startswith("The visual trace of the end effector: [[")
+            assert info["trace"].ndim == 2 and info["trace"].shape[1] == 2 and (info["trace"] >= 0).all()
+
+
 # --- malformed answers -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("junk", ["The next action step: [0.1, 0.2]", "sweep sweep sweep", ANSWER + " and more"])

@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import llarva_gym  # noqa: E402,F401
+from llarva_gym.demos import episode_dirs, load_demo  # noqa: E402
 from llarva_gym.recording import record_demos  # noqa: E402
 from llarva_policy import codec  # noqa: E402
 from llarva_policy.annotations import annotate  # noqa: E402
@@ -101,6 +102,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert learning_rate(9, 100, peak=1e-3, warmup=10) == pytest.approx(1e-3)
     assert learning_rate(55, 100, peak=1e-3, warmup=10) == pytest.approx(0.55e-3)
     assert learning_rate(100, 100, peak=1e-3, warmup=10) == pytest.approx(1e-4)
+    assert learning_rate(50, None, peak=1e-3, warmup=10, progress=0.5) == pytest.approx(0.55e-3)
 
 
 def test_training_stops_at_the_time_budget_and_is_reproducible(annotated):
@@ -114,11 +116,16 @@ def test_training_stops_at_the_time_budget_and_is_reproducible(annotated):
     assert log["seconds"] < 1.0 + 5.0     # the budget, plus at most the step under way when it ran out
     assert log["history"][-1]["step"] == log["steps"] and log["final_loss"] is not None   # the last step is logged
 
-    # Without max_steps, the speed measured on steps 2..4 sets the schedule's length to fill the budget.
+    # Without max_steps, the cosine runs on the clock: warm-up, then down to a tenth of the peak
+    # by the end of the budget; the steps made are recorded to repeat the run.
     _, model, _ = toy_model(entries)
-    log = train_model(model, data, normalize, device=CPU, batch_size=4, train_seconds=2.0, probe_steps=(2, 4),
-                      progress=False)
-    assert log["max_steps_chosen"] == "auto" and log["max_steps"] >= 4 and "probe_seconds_per_step" in log
+    log = train_model(model, data, normalize, device=CPU, batch_size=4, train_seconds=2.0, warmup_steps=2,
+                      lr=1e-3, log_every=1, progress=False)
+    assert log["max_steps_chosen"] == "clock" and log["stopped_by"] == "time"
+    assert log["max_steps"] == log["steps"] >= 4
+    rates = [entry["lr"] for entry in log["history"]]
+    assert rates[:2] == pytest.approx([0.5e-3, 1e-3]) and rates[-1] < 0.3e-3
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(rates[1:], rates[2:]))
 
     # The same seeds give the same weights.
     weights = []
@@ -202,3 +209,45 @@ def test_recipe_end_to_end_at_toy_scale(tmp_path):
     rerun_results = json.loads((export / f"train_small_{TASK}_eval.json").read_text())
     assert [r["index"] for r in rerun_results["episodes"]] == [0, 1]
     assert rerun_results["episodes"][0] == results["episodes"][0]     # kept, not run again
+
+
+def test_recipe_with_visual_trace_and_history_noise(tmp_path):
+    """LLARVA's visual trace (here 3 points) before the action and noise on the joint history:
+    the annotations carry both, the trained model answers with a trace that parses, and
+    `eval_episodes=0` leaves the evaluation to `llarva eval`."""
+    out, export = tmp_path / "run", tmp_path / "export"
+    summary = train_small(TASK, out, size="toy", demos=2, max_steps=2, batch_size=8, eval_episodes=0,
+                          visual_trace=True, trace_points=3, history_noise=0.01, export=export, progress=False)
+    assert summary["options"]["visual_trace"] is True and summary["options"]["trace_points"] == 3
+    assert "eval" not in summary and "expert" not in summary
+    assert sorted(p.name for p in export.iterdir()) == [f"train_small_{TASK}.json", f"train_small_{TASK}_model.tar"]
+
+    entries = load_annotations(out / "annotations.json", out / "data")
+    clean_history = "[0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0], ["
+    for entry in entries:
+        question, answer = conversation_turns(entry)
+        parsed = codec.parse_answer(answer, expect_trace=True)
+        assert parsed.trace.shape == (3, 2)
+    # Noise: the same step of the same demo, annotated without noise, reads differently.
+    first_steps = [conversation_turns(e)[0] for e in entries if clean_history in conversation_turns(e)[0]]
+    assert first_steps
+    demo = load_demo(episode_dirs(out / "data", TASK)[0], load_images=False)
+    exact = codec.format_history([demo[0].joint_positions])
+    assert all(exact not in question for question in first_steps)
+
+    policy = LlarvaPolicy.from_pretrained(out / MODEL_DIR, device="cpu", constrained=True, with_visual_trace=True)
+    env = gym.make(f"llarva/{TASK}")
+    observation, _ = env.reset(seed=0)
+    action, _ = policy.predict(observation)
+    env.close()
+    assert action.shape == (8,) and policy.last_info[0]["parse_error"] is None
+    assert policy.last_info[0]["trace"] is not None
+
+
+def test_recipe_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="render_quality"):
+        train_small(TASK, tmp_path, render_quality="best", progress=False)
+    with pytest.raises(ValueError, match="eval_episodes"):
+        train_small(TASK, tmp_path, eval_episodes=-1, progress=False)
+    with pytest.raises(ValueError, match="trace_points"):
+        train_small(TASK, tmp_path, trace_points=0, progress=False)
