@@ -16,6 +16,16 @@ attempt after the last one's; `episodes` is the number of episodes the folder sh
 appear only by renaming a complete folder into place, so an interrupted run never leaves a
 half-written `episode<M>`; the hidden leftovers of one are removed by the next run.
 
+Noise injection (DART, Laskey et al. 2017). A policy cloned from clean demos has never seen the
+states its own small errors lead to, and under joint-velocity control those errors compound.
+With `action_noise=s`, every executed joint velocity is the expert's plus Gaussian noise of
+standard deviation `s` times the expert's fastest joint speed at that step (so the arm stands still
+where the expert does, and the expert still settles on its waypoints); the expert, which plans
+from the state it finds, corrects the drift in the next steps. RLBench's record stays truthful:
+`joint_velocities` is what was executed, and `misc["expert_joint_velocities"]` the expert's
+command, which `annotate` uses as the label. The noise of attempt k is a function of its reset
+seed alone.
+
 Processes. `processes=N` runs attempts in N worker processes (the "spawn" start method: a forked
 OpenGL context is not safe), each with its own env; results come back in attempt order and
 episodes are numbered in that order. A worker writes its successful attempt into a hidden staging
@@ -42,6 +52,7 @@ import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
+from llarva_gym.action_modes import VELOCITY_LIMIT
 from llarva_gym.demos import Demo, episode_dirs, episode_path, episodes_dir, next_episode_index, save_demo
 from llarva_gym.expert import ScriptedExpert
 from llarva_gym.observation import ObservationConfig
@@ -52,10 +63,12 @@ EPISODE_INFO = "llarva_episode.json"   # how an episode was recorded; read on re
 # (".attempt<k>") and save_demo's temporary ones ("..attempt<k>.tmp-...", ".episode<M>.tmp-...").
 _LEFTOVER = re.compile(r"\.{1,2}(attempt\d+|episode\d+)(\..*)?")
 # The options an episode is recorded with; a resumed run must use the same ones.
-_SETTINGS = ("task", "seed", "cameras", "image_size", "depth", "variation", "max_episode_steps", "render_quality")
+_SETTINGS = ("task", "seed", "cameras", "image_size", "depth", "variation", "max_episode_steps", "render_quality",
+             "action_noise")
 # What a setting was before it was recorded: episodes written before render_quality existed were
 # rendered "fast", so a folder of them still resumes with the default.
-_SETTING_DEFAULTS = {"render_quality": "fast"}
+_SETTING_DEFAULTS = {"render_quality": "fast", "action_noise": 0.0}
+EXPERT_ACTION_KEY = "expert_joint_velocities"   # in an observation's misc: the command behind a noisy step
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
@@ -95,22 +108,40 @@ def _stop_worker() -> None:
     _worker.clear()
 
 
-def record_episode(env, expert, reset_seed: int) -> tuple[Demo, dict]:
+def record_episode(env, expert, reset_seed: int, action_noise: float = 0.0) -> tuple[Demo, dict]:
     """Run the expert for one episode from `env.reset(seed=reset_seed)`, keeping RLBench's record of
     every step: the observation right after reset, then one after each step (the last included).
-    Returns the Demo and the final step's info (`success` says whether to keep it)."""
+    Returns the Demo and the final step's info (`success` says whether to keep it).
+    `action_noise`: DART's noise on the executed joint velocities (see the module docstring)."""
+    if action_noise and env.unwrapped.action_mode != "joint_velocity":
+        raise ValueError(f"action_noise: noise injection perturbs joint velocities; the env's action_mode is "
+                         f"{env.unwrapped.action_mode!r}, expected 'joint_velocity' (or action_noise=0)")
+    noise_rng = np.random.default_rng((reset_seed, 1))
     obs, start = env.reset(seed=reset_seed)
     observations = [env.unwrapped.rlbench_observation()]
     terminated = truncated = False
     info = start
     while not (terminated or truncated):
         action, _ = expert.predict(obs)
-        obs, _, terminated, truncated, info = env.step(action)
-        observations.append(env.unwrapped.rlbench_observation())
+        executed = perturb_joint_velocities(action, action_noise, noise_rng) if action_noise else action
+        obs, _, terminated, truncated, info = env.step(executed)
+        record = env.unwrapped.rlbench_observation()
+        if action_noise:
+            record.misc[EXPERT_ACTION_KEY] = np.asarray(action[:7], dtype=np.float64)
+        observations.append(record)
     # What env.reset(options={"demo": demo}) reads to rebuild this episode's start.
     demo = Demo(observations, random_seed={"episode_seed": start["episode_seed"], "variation": start["variation"]})
     demo.variation_number, demo.variation_descriptions = start["variation"], list(start["descriptions"])
     return demo, info
+
+
+def perturb_joint_velocities(action: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """`action` (joint velocities, gripper) with noise of sigma `scale` x its fastest joint speed on
+    the joints, clipped to the Panda's velocity limits; the gripper command is kept."""
+    action = np.asarray(action, dtype=np.float64)
+    sigma = scale * np.max(np.abs(action[:7]))
+    joints = np.clip(action[:7] + rng.normal(0.0, 1.0, 7) * sigma, -VELOCITY_LIMIT, VELOCITY_LIMIT)
+    return np.r_[joints, action[7]].astype(np.float32)
 
 
 def _run_attempt(index: int) -> Attempt:
@@ -118,7 +149,7 @@ def _run_attempt(index: int) -> Attempt:
     settings, folder = _worker["settings"], _worker["folder"]
     reset_seed = attempt_seed(settings["seed"], index)
     try:
-        demo, info = record_episode(_worker["env"], _worker["expert"], reset_seed)
+        demo, info = record_episode(_worker["env"], _worker["expert"], reset_seed, settings["action_noise"])
     except Exception as error:   # a simulator failure loses this attempt, not the run (as RLBench)
         return Attempt(index, reset_seed, 0, False, f"{type(error).__name__}: {error}")
     steps = len(demo) - 1
@@ -134,7 +165,8 @@ def _run_attempt(index: int) -> Attempt:
 
 # --- the run --------------------------------------------------------------------------------------
 
-def _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps, render_quality="fast") -> dict:
+def _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps, render_quality="fast",
+              action_noise=0.0) -> dict:
     """Checked options, in the JSON-friendly form stored in each episode's llarva_episode.json."""
     if isinstance(cameras, str):
         cameras = [c.strip() for c in cameras.split(",") if c.strip()]
@@ -149,9 +181,13 @@ def _settings(task, cameras, image_size, depth, variation, seed, max_episode_ste
         max_episode_steps = gym.spec(f"llarva/{task}").max_episode_steps
     if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1:
         raise ValueError(f"max_episode_steps: expected a positive int, got {max_episode_steps!r}")
+    if isinstance(action_noise, bool) or not isinstance(action_noise, (int, float)) or not 0 <= action_noise < 10:
+        raise ValueError(f"action_noise: expected a number in [0, 10) (noise sigma as a fraction of the expert's "
+                         f"fastest joint speed; 0: clean demos), got {action_noise!r}")
     return {"task": task, "seed": int(seed), "cameras": list(config.cameras), "image_size": list(config.image_size),
             "depth": bool(depth), "variation": None if variation is None else int(variation),
-            "max_episode_steps": int(max_episode_steps), "render_quality": config.render_quality}
+            "max_episode_steps": int(max_episode_steps), "render_quality": config.render_quality,
+            "action_noise": float(action_noise)}
 
 
 def _remove_leftovers(folder: Path) -> None:
@@ -189,7 +225,7 @@ def _first_attempt(existing: list[Path], settings: dict) -> int:
 def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("front",), depth: bool = False,
                  processes: int = 1, variation: int | None = None, seed: int = 0, progress: bool = True,
                  max_episode_steps: int | None = None, max_attempts: int | None = None,
-                 render_quality: str = "fast") -> dict:
+                 render_quality: str = "fast", action_noise: float = 0.0) -> dict:
     """Record scripted-expert episodes of `task` until `<out>/<task>/all_variations/episodes` holds
     `episodes` of them (RLBench's layout, `task` resolved to RLBench's name); returns a summary.
 
@@ -201,14 +237,16 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
     attempts of this call (default: twice the episodes still missing, plus 10); reaching it
     warns and returns with `complete` False. `render_quality` is the env's: "fast" (default, no
     shadows) or "high" (shadows and multisampling, much slower on CPU); evaluate a policy trained on
-    such images with the same `render_quality`.
+    such images with the same `render_quality`. `action_noise`: DART's noise injection (module
+    docstring), 0 for clean demos.
 
     Summary: task, episodes_dir, episodes (in the folder now), episodes_written (by this call),
     attempts, failures (list of {attempt, reason}), complete, seconds, demos_per_minute.
     """
     started = time.perf_counter()
     task = resolve_task(task)
-    settings = _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps, render_quality)
+    settings = _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps, render_quality,
+                         action_noise)
     if isinstance(episodes, bool) or not isinstance(episodes, (int, np.integer)) or episodes < 0:
         raise ValueError(f"episodes: expected a non-negative int, got {episodes!r}")
     if isinstance(processes, bool) or not isinstance(processes, (int, np.integer)) or processes < 1:

@@ -8,7 +8,9 @@ One entry per step t of every episode except the last step (it has no label):
 
 The text comes from `llarva_policy.codec`, so what we train on is what `predict` parses. The label
 of step t is observation t + 1's joint_velocities and gripper_open (RLBench stores with each
-observation the velocities that led to it). With `visual_trace=True` the answer also holds the end
+observation the velocities that led to it); in demos recorded with noise injection
+(`record_demos(action_noise=...)`) the label is the expert's command,
+`misc["expert_joint_velocities"]`, not the noisy velocity executed. With `visual_trace=True` the answer also holds the end
 effector's future path in the front image (see `end_effector_trace`).
 """
 
@@ -27,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from llarva_gym.demos import episode_dirs, load_demo
+from llarva_gym.recording import EXPERT_ACTION_KEY
 from llarva_policy import codec
 
 TRACE_POINTS = 30   # points in a visual trace, as the original development code (about 30)
@@ -109,7 +112,8 @@ def episode_annotations(demo: Sequence, image_prefix: str, *, visual_trace: bool
             instruction, codec.format_history(history, noise_sigma=history_noise, rng=rng),
             visual_trace=visual_trace, template=template)
         label = demo[t + 1]
-        action = np.append(np.asarray(label.joint_velocities, dtype=np.float64), label.gripper_open)
+        velocities = (label.misc or {}).get(EXPERT_ACTION_KEY, label.joint_velocities)
+        action = np.append(np.asarray(velocities, dtype=np.float64), label.gripper_open)
         trace = (end_effector_trace(demo, t, image_size=image_size, max_points=trace_points)
                  if visual_trace else None)
         entries.append({

@@ -35,6 +35,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="episode i uses seed (seed, i): reproducible")
         p.add_argument("--render-quality", default="fast", choices=("fast", "high"),
                        help="fast: no shadows (default); high: shadows and multisampling, much slower on CPU")
+        p.add_argument("--action-noise", type=float, default=0.0,
+                       help="DART noise injection: sigma of the noise on the executed joint velocities, as a "
+                            "fraction of the expert's fastest joint speed (labels stay the expert's)")
     elif command == "annotate":
         p.add_argument("--data", required=True, help="dataset root holding <task>/all_variations/episodes")
         p.add_argument("--out", required=True, help="annotation JSON to write")
@@ -120,6 +123,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--trace-points", type=int, default=10, help="points in each visual trace")
         p.add_argument("--history-noise", type=float, default=0.0,
                        help="sigma (rad) of the noise on the joint history in the training text (LLARVA: 0.01)")
+        p.add_argument("--goal-weight", type=float, default=1.0,
+                       help="loss weight of the visual trace's last point (the goal), with --visual-trace")
+        p.add_argument("--action-noise", type=float, default=0.0,
+                       help="DART noise injection in the demos (see llarva demos --action-noise)")
         p.add_argument("--render-quality", default="fast", choices=("fast", "high"),
                        help="rendering of the demos and the evaluation (high: shadows)")
         p.add_argument("--device", default=None)
@@ -135,7 +142,7 @@ def _run(command: str, args: argparse.Namespace) -> None:
         for task in _csv(args.task):
             record_demos(task, args.episodes, args.out, image_size=args.image_size, cameras=args.cameras,
                          depth=args.depth, processes=args.processes, variation=args.variation, seed=args.seed,
-                         render_quality=args.render_quality)
+                         render_quality=args.render_quality, action_noise=args.action_noise)
     elif command == "annotate":
         from llarva_policy.annotations import annotate
         count = annotate(args.data, args.out, args.task, visual_trace=args.visual_trace,

@@ -50,6 +50,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import tarfile
 import time
@@ -164,17 +165,35 @@ class TrainingSet:
     labels: torch.Tensor      # (S, L) int64, IGNORE_INDEX outside the answers
     lengths: torch.Tensor     # (S,) tokens of each sample, image tokens included
     images: torch.Tensor      # (S, 3, H, W) uint8
+    goal: torch.Tensor        # (S, L) bool: the answer tokens of the visual trace's last point (`goal_mask`)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def to(self, device) -> "TrainingSet":
-        return TrainingSet(*(t.to(device) for t in (self.input_ids, self.labels, self.lengths, self.images)))
+        return TrainingSet(*(t.to(device) for t in (self.input_ids, self.labels, self.lengths, self.images,
+                                                    self.goal)))
+
+
+# A point of a visual trace, "[column, row]"; the action's list of decimals never matches.
+_TRACE_POINT = re.compile(r"\[\d+, \d+\]")
+
+
+def goal_span(answer: str) -> tuple[int, int] | None:
+    """Where, in `answer`, the visual trace's last point is written (None without a trace).
+
+    The trace ends where the episode ends: the target reached, the dustpan the dirt went into. It
+    is the answer's goal, the few tokens that a policy can only get right by reading the image
+    and the instruction together; `goal_weight` weights them in the loss.
+    """
+    points = list(_TRACE_POINT.finditer(answer))
+    return (points[-1].start(), points[-1].end()) if points else None
 
 
 def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_token: str = codec.IMAGE_TOKEN,
-                         template=codec.TRAINING, chunk: int = 2048) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(input_ids, labels) of every annotation entry, as `finetune.tokenize_conversation` makes them.
+                         template=codec.TRAINING, chunk: int = 2048) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(input_ids, labels, goal) of every annotation entry; ids and labels as
+    `finetune.tokenize_conversation` makes them, goal the answer tokens of `goal_span` (bool).
 
     The conversation text is tokenized with its one `<image>`, which then becomes
     `num_image_tokens` copies (the processor writes them into the text; `<image>` is an added
@@ -186,15 +205,23 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
     eos = tokenizer.eos_token_id
     encoded = []
     for begin in range(0, len(entries), chunk):
-        texts, answer_starts = [], []
+        texts, answer_starts, goals = [], [], []
         for entry in entries[begin:begin + chunk]:
             question, answer = conversation_turns(entry)
             texts.append(codec.build_conversation_text(question, answer, template=template))
             answer_starts.append(codec.answer_span(question, answer, template=template)[0])
+            goal = goal_span(answer)
+            goals.append((-1, -1) if goal is None else (answer_starts[-1] + goal[0], answer_starts[-1] + goal[1]))
         batch = tokenizer(texts, return_offsets_mapping=True, padding=True, padding_side="right", return_tensors="np")
         real = batch["attention_mask"].astype(bool)
-        reaches_answer = batch["offset_mapping"][..., 1] > np.asarray(answer_starts)[:, None]
+        offsets = batch["offset_mapping"]
+        reaches_answer = offsets[..., 1] > np.asarray(answer_starts)[:, None]
         all_labels = np.where(real & reaches_answer, batch["input_ids"], IGNORE_INDEX)
+        goals = np.asarray(goals)
+        # A label is the next token: position i is weighted when the token at i + 1 overlaps the goal.
+        overlaps = (offsets[..., 0] < goals[:, 1:]) & (offsets[..., 1] > goals[:, :1]) & real
+        all_goal = np.zeros_like(overlaps)
+        all_goal[:, :-1] = overlaps[:, 1:]
         for index, length in enumerate(real.sum(axis=1)):
             ids = batch["input_ids"][index, :length].astype(np.int64)
             labels = all_labels[index, :length]
@@ -204,9 +231,11 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
                                  f"expected one {image_token!r} in the question and the text to end with the "
                                  f"tokenizer's end-of-sequence token; text ends {texts[index][-40:]!r}")
             k = where[0]
+            goal = all_goal[index, :length]
             ids = np.concatenate([ids[:k], np.full(num_image_tokens, image_id), ids[k + 1:]])
             labels = np.concatenate([labels[:k], np.full(num_image_tokens, IGNORE_INDEX), labels[k + 1:]])
-            encoded.append((ids, labels))
+            goal = np.concatenate([goal[:k], np.zeros(num_image_tokens, dtype=bool), goal[k + 1:]])
+            encoded.append((ids, labels, goal))
     return encoded
 
 
@@ -228,15 +257,17 @@ def load_images(paths, *, threads: int | None = None) -> np.ndarray:
 def build_training_set(entries, images_root, tokenizer, *, num_image_tokens: int, template=codec.TRAINING,
                        pad_token_id: int) -> TrainingSet:
     encoded = encode_conversations(entries, tokenizer, num_image_tokens=num_image_tokens, template=template)
-    lengths = [len(ids) for ids, _ in encoded]
+    lengths = [len(ids) for ids, _, _ in encoded]
     input_ids = np.full((len(encoded), max(lengths)), pad_token_id, dtype=np.int64)
     labels = np.full((len(encoded), max(lengths)), IGNORE_INDEX, dtype=np.int64)
-    for row, (ids, row_labels) in enumerate(encoded):
+    goal = np.zeros((len(encoded), max(lengths)), dtype=bool)
+    for row, (ids, row_labels, row_goal) in enumerate(encoded):
         input_ids[row, :len(ids)] = ids
         labels[row, :len(ids)] = row_labels
+        goal[row, :len(ids)] = row_goal
     images = load_images([Path(images_root) / entry["image"] for entry in entries])
     return TrainingSet(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.tensor(lengths),
-                       torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+                       torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(goal))
 
 
 class ImageNormalizer:
@@ -283,20 +314,28 @@ def learning_rate(step: int, total: int | None, *, peak: float, warmup: int, fin
     return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def answer_loss(model, input_ids, labels, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy, token accuracy) on the answer tokens.
+def answer_loss(model, input_ids, labels, pixel_values, goal=None,
+                goal_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(training loss, mean cross-entropy, token accuracy) on the answer tokens.
 
-    Right-padded rows need no attention mask under causal attention (no real token sees a pad),
-    so attention runs its fused causal kernel; the LM head runs on the answer positions only.
+    The training loss is the cross-entropy averaged with weight `goal_weight` on the tokens of
+    `goal` (bool, as `labels`) and 1 elsewhere; the mean cross-entropy, unweighted, is what the log
+    reports. Right-padded rows need no attention mask under causal attention (no real token sees
+    a pad), so attention runs its fused causal kernel; the LM head runs on the answer positions only.
     """
     hidden = model.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = model.lm_head(hidden[:, :-1][keep]).float()
     targets = targets[keep]
-    loss = F.cross_entropy(logits, targets)
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    mean = per_token.mean()
+    loss = mean
+    if goal is not None and goal_weight != 1.0:
+        weights = 1.0 + (goal_weight - 1.0) * goal[:, :-1][keep].float()
+        loss = (per_token * weights).sum() / weights.sum()
     accuracy = (logits.argmax(-1) == targets).float().mean()
-    return loss, accuracy
+    return loss, mean, accuracy
 
 
 def _optimizer(model, lr: float, weight_decay: float, device: torch.device):
@@ -313,7 +352,7 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
                 lr: float = 1e-3, warmup_steps: int = 200, weight_decay: float = 0.01, max_steps: int | None = None,
                 train_seconds: float = 300.0, seed: int = 0, bf16: bool | None = None,
                 checkpoint_seconds: float = 60.0, on_checkpoint=None, log_every: int = 25,
-                progress: bool = True) -> dict:
+                goal_weight: float = 1.0, progress: bool = True) -> dict:
     """Train every weight of `model` on `data` (on `device`); returns the training log.
 
     Stops after `max_steps`, or when `train_seconds` have passed. With `max_steps=None` the
@@ -321,7 +360,7 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
     early speed would be wrong whenever the machine's load changes (other runs starting or
     ending beside this one). The steps made are recorded as `max_steps`; passing that back
     repeats the run on the step schedule. `on_checkpoint(model, log)` is called every
-    `checkpoint_seconds` and at the end.
+    `checkpoint_seconds` and at the end. `goal_weight`: the loss weight of `data.goal`'s tokens.
     """
     bf16 = device.type == "cuda" if bf16 is None else bf16
     model.to(device).train()
@@ -338,7 +377,7 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
     warmup = warmup_steps if on_clock else min(warmup_steps, max(1, total // 10))
     log = {"max_steps": None if on_clock else total, "max_steps_chosen": "clock" if on_clock else "given",
            "batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "weight_decay": weight_decay,
-           "bf16": bf16, "samples": samples, "steps": 0, "epochs": 0.0, "seconds": 0.0, "stopped_by": None,
+           "bf16": bf16, "goal_weight": goal_weight, "samples": samples, "steps": 0, "epochs": 0.0, "seconds": 0.0, "stopped_by": None,
            "history": []}
     started = time.perf_counter()
     last_checkpoint = started
@@ -369,6 +408,7 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
             index = rows.to(device)
             input_ids = data.input_ids[index, :length]
             labels = data.labels[index, :length]
+            goal = data.goal[index, :length]
             pixel_values = normalize(data.images[index])
 
             clock = None
@@ -379,7 +419,7 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total, peak=lr, warmup=warmup, progress=clock)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, accuracy = answer_loss(model, input_ids, labels, pixel_values)
+                loss, mean_loss, accuracy = answer_loss(model, input_ids, labels, pixel_values, goal, goal_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -387,7 +427,7 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
             step += 1
 
             if step % log_every == 0 or step == total:   # reading the loss waits for the GPU: not every step
-                entry = log_entry(loss, accuracy)
+                entry = log_entry(mean_loss, accuracy)
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['answer_token_accuracy']:.3f}",
                                 refresh=False)
             bar.update(1)
@@ -401,7 +441,7 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
     finally:
         bar.close()
     if step and (not log["history"] or log["history"][-1]["step"] != step):   # stopped by time between logs
-        log_entry(loss, accuracy)
+        log_entry(mean_loss, accuracy)
     log.update(steps=step, epochs=round(step * batch_size / samples, 3),
                seconds=round(time.perf_counter() - started, 2),
                final_loss=log["history"][-1]["loss"] if log["history"] else None)
@@ -458,8 +498,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                 checkpoint_seconds: float = 60.0, eval_episodes: int = 25, eval_num_envs: int = 8,
                 eval_seed: int = 0, eval_episode_length: int | None = None, expert_baseline: bool = True,
                 visual_trace: bool = False, trace_points: int = 10, history_noise: float = 0.0,
-                render_quality: str = "fast", device=None, export=None, isolate_evaluation: bool | None = None,
-                progress: bool = True) -> dict:
+                goal_weight: float = 1.0, action_noise: float = 0.0, render_quality: str = "fast", device=None,
+                export=None, isolate_evaluation: bool | None = None, progress: bool = True) -> dict:
     """Record demos, annotate, train a small LLaVA from scratch, evaluate it and the expert; returns the summary.
 
     See the module docstring for the steps and what `out` and `export` receive. Training stops
@@ -472,8 +512,11 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     `visual_trace`: the answers also hold the end effector's future path in the image
     (`trace_points` points), LLARVA's visual trace, written before the action; `history_noise`:
     sigma (radians) of the noise on the joint history in the training text, as LLARVA's 0.01;
-    `render_quality`: the env's rendering for the demos and the evaluation ("high": shadows). `isolate_evaluation`: run each evaluation in a
-    fresh process (default: when this process has started CUDA; see the evaluation step).
+    `goal_weight`: the loss weight of the trace's last point (`goal_span`), 1 = plain mean;
+    `action_noise`: DART's noise injection in the demos (`record_demos`);
+    `render_quality`: the env's rendering for the demos and the evaluation ("high": shadows);
+    `isolate_evaluation`: run each evaluation in a fresh process (default: when this process has
+    started CUDA; see the evaluation step).
     """
     from llarva_gym.recording import record_demos
     from llarva_gym.registration import resolve_task
@@ -495,6 +538,11 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         raise ValueError(f"eval_episodes: expected an int >= 0 (0: no evaluation), got {eval_episodes!r}")
     if render_quality not in ("fast", "high"):
         raise ValueError(f"render_quality: expected 'fast' or 'high', got {render_quality!r}")
+    if visual_trace is False and goal_weight != 1.0:
+        raise ValueError(f"goal_weight: weights the visual trace's last point, so it needs visual_trace=True "
+                         f"(got goal_weight={goal_weight!r} without a trace)")
+    if not (isinstance(goal_weight, (int, float)) and math.isfinite(goal_weight) and goal_weight > 0):
+        raise ValueError(f"goal_weight: expected a finite number > 0 (1: plain mean), got {goal_weight!r}")
     if not train_seconds > 0:
         raise ValueError(f"train_seconds: expected a number > 0, got {train_seconds!r}")
     out = Path(out).expanduser().resolve()
@@ -507,6 +555,10 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay,
                "visual_trace": bool(visual_trace), "trace_points": trace_points if visual_trace else None,
                "history_noise": history_noise, "render_quality": render_quality}
+    # Options added later, recorded only when used: a model trained before they existed still matches.
+    options.update({k: v for k, v in (("goal_weight", goal_weight), ("action_noise", action_noise)) if v})
+    if goal_weight == 1.0:
+        options.pop("goal_weight", None)
     summary = {"task": task, "options": options,
                "evaluation": {"episodes": eval_episodes, "seed": eval_seed, "episode_length": eval_episode_length,
                               "num_envs": eval_num_envs, "render_quality": render_quality,
@@ -527,7 +579,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
 
     # 1-2. demos and annotations
     recorded = record_demos(task, demos, data_root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
-                            seed=demo_seed, render_quality=render_quality, progress=progress)
+                            seed=demo_seed, render_quality=render_quality, action_noise=action_noise,
+                            progress=progress)
     stage("demos", episodes=recorded["episodes"], seconds=recorded["seconds"], failures=len(recorded["failures"]))
     annotate(data_root, annotations_path, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
              history_noise=history_noise, progress=progress)
@@ -575,7 +628,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
             log = train_model(model, data, normalize, device=device, batch_size=batch_size, lr=lr,
                               warmup_steps=warmup_steps, weight_decay=weight_decay, max_steps=max_steps,
                               train_seconds=budget, seed=seed, checkpoint_seconds=checkpoint_seconds,
-                              on_checkpoint=on_checkpoint, progress=progress)
+                              on_checkpoint=on_checkpoint, goal_weight=goal_weight, progress=progress)
         del model, data
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -292,3 +292,15 @@ def test_annotate_names_the_bad_episode(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(annotations, "load_demo", lambda episode_dir, **kwargs: nameless)
     with pytest.raises(ValueError, match=r"episode0: .*variation_descriptions"):
         annotate(data_root, tmp_path / "a.json", TASK, progress=False)
+
+
+def test_entries_label_with_the_experts_command_when_the_demo_was_recorded_with_noise():
+    """A noise-injected demo (record_demos(action_noise=...)) executed a perturbed velocity; the
+    label is the expert's command stored beside it in misc, not what the arm did."""
+    demo = short_demo()
+    demo[1].misc["expert_joint_velocities"] = np.array([0.25, -0.125, 0.0, 0.0625, 0.0, 0.0, 0.5])
+    entries = episode_annotations(demo, "ep")
+    assert entries[0]["conversations"][1]["value"] == (
+        "The next action step: [0.25, -0.125, 0.0, 0.0625, 0.0, 0.0, 0.5, 1.0]")
+    assert entries[1]["conversations"][1]["value"] == (   # no command stored: the executed velocity
+        "The next action step: [0.2, -0.1, 0.0, 0.1, 0.0, 0.0, -0.5, 0.0]")

@@ -241,3 +241,45 @@ def test_llarva_demos_command_killed_then_rerun(tmp_path):
     record_demos("sweep_to_dustpan_of_size", 2, tmp_path / "whole", image_size=32, cameras=("front", "wrist"),
                  seed=1, progress=False)
     assert snapshot(tmp_path / "cli") == snapshot(tmp_path / "whole")
+
+
+def test_noise_injection_perturbs_the_executed_velocities_and_keeps_the_experts_labels(tmp_path):
+    """DART: the arm executes the expert's velocity plus noise, the expert corrects from where it
+    finds itself, the episode still succeeds; the record keeps both the executed velocity
+    (joint_velocities) and the expert's command (misc), and the same seed gives the same demo."""
+    options = dict(image_size=32, cameras=("front",), seed=0, progress=False)
+    record_demos("reach_target", 1, tmp_path / "clean", **options)
+    summary = record_demos("reach_target", 1, tmp_path / "noisy", action_noise=0.3, **options)
+    assert summary["complete"]
+    clean = load_demo(episode_dirs(tmp_path / "clean", "reach_target")[0], load_images=False)
+    noisy = load_demo(episode_dirs(tmp_path / "noisy", "reach_target")[0], load_images=False)
+    assert episode_info(tmp_path / "noisy", "reach_target")[0]["action_noise"] == 0.3
+    assert all(recording.EXPERT_ACTION_KEY not in obs.misc for obs in clean)
+
+    commanded = np.array([obs.misc[recording.EXPERT_ACTION_KEY] for obs in noisy[1:]])
+    executed = np.array([obs.joint_velocities for obs in noisy[1:]])
+    moving = np.abs(commanded).max(axis=1) > 0.05
+    assert moving.sum() > 5
+    deviation = np.abs(executed - commanded)[moving].max(axis=1) / np.abs(commanded)[moving].max(axis=1)
+    assert 0.05 < np.median(deviation) < 1.5            # noise of about 0.3 x the fastest joint's speed
+    assert np.allclose(executed[~moving], commanded[~moving], atol=0.05 * 0.3 * 3 + 1e-6)
+    # The path differs from the clean demo's (same scene), and still ends in the target.
+    assert not np.allclose(noisy[5].joint_positions, clean[5].joint_positions, atol=1e-3)
+
+    record_demos("reach_target", 1, tmp_path / "again", action_noise=0.3, **options)
+    assert snapshot(tmp_path / "again") == snapshot(tmp_path / "noisy")
+    with pytest.raises(ValueError, match=r"action_noise: recorded 0.3, asked 0.0"):
+        record_demos("reach_target", 2, tmp_path / "noisy", **options)
+    for bad in (-0.1, float("nan"), "0.2"):
+        with pytest.raises(ValueError, match="action_noise"):
+            record_demos("reach_target", 1, tmp_path / "bad", action_noise=bad, **options)
+    env = gym.make("llarva/reach_target", action_mode="ee_pose", image_size=32)
+    with pytest.raises(ValueError, match="action_noise.*joint_velocity"):
+        recording.record_episode(env, None, 0, action_noise=0.1)
+    env.close()
+
+
+def test_llarva_demos_command_takes_action_noise(tmp_path):
+    cli.main(["demos", "--task", "reach_target", "--episodes", "1", "--out", str(tmp_path), "--image-size", "32",
+              "--action-noise", "0.2"])
+    assert episode_info(tmp_path, "reach_target")[0]["action_noise"] == 0.2

@@ -36,9 +36,11 @@ from llarva_policy.train_small import (  # noqa: E402
     MODEL_DIR,
     TRAINING_FILE,
     ImageNormalizer,
+    answer_loss,
     build_model,
     build_training_set,
     encode_conversations,
+    goal_span,
     learning_rate,
     save_checkpoint,
     train_model,
@@ -73,7 +75,8 @@ def test_samples_are_tokenized_as_finetune_tokenizes_them(annotated):
     data_root, entries = annotated
     tokenizer, model, processor = toy_model(entries)
     encoded = encode_conversations(entries[:6], tokenizer, num_image_tokens=model.config.image_seq_length)
-    for entry, (ids, labels) in zip(entries[:6], encoded):
+    for entry, (ids, labels, goal) in zip(entries[:6], encoded):
+        assert not goal.any()   # no visual trace, no goal tokens
         with Image.open(data_root / entry["image"]) as image:
             expected = tokenize_conversation(processor, image.convert("RGB"), *conversation_turns(entry))
         assert ids.tolist() == expected["input_ids"].tolist()
@@ -251,3 +254,45 @@ def test_recipe_options_are_checked(tmp_path):
         train_small(TASK, tmp_path, eval_episodes=-1, progress=False)
     with pytest.raises(ValueError, match="trace_points"):
         train_small(TASK, tmp_path, trace_points=0, progress=False)
+
+
+def test_goal_tokens_are_the_last_trace_point_and_weight_the_loss(tmp_path):
+    """`goal_span` finds the trace's last point in the answer; the goal mask marks exactly the
+    label positions that predict its tokens; `goal_weight` changes the training loss only."""
+    assert goal_span("The next action step: [0.1, -0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]") is None
+    answer = codec.format_answer(np.r_[np.full(7, 0.25), 1.0], np.array([[10, 20], [30, 40], [57, 61]]))
+    start, end = goal_span(answer)
+    assert answer[start:end] == "[57, 61]"
+
+    root = tmp_path
+    record_demos(TASK, 1, root / "data", seed=0, progress=False)
+    annotate(root / "data", root / "annotations.json", TASK, seed=0, visual_trace=True, trace_points=3,
+             progress=False)
+    entries = load_annotations(root / "annotations.json", root / "data")[:8]
+    tokenizer, model, _ = toy_model(entries)
+    data = toy_data(entries, root / "data", tokenizer, model)
+    for row, entry in enumerate(entries):
+        answer = conversation_turns(entry)[1]
+        start, end = goal_span(answer)
+        goal = data.goal[row].numpy()
+        # Position i predicts token i + 1: the goal's tokens are those that overlap the last point
+        # (a token may reach past it, as "]]." does).
+        decoded = tokenizer.decode(data.input_ids[row, 1:][torch.from_numpy(goal[:-1])].tolist()).replace(" ", "")
+        point = answer[start:end].replace(" ", "")
+        assert point in decoded and len(decoded) <= len(point) + 3
+        assert (data.labels[row][torch.from_numpy(goal)] != IGNORE_INDEX).all()   # goal tokens are labelled
+
+    normalize = ImageNormalizer(build_model(tokenizer, "toy")[1].image_processor, CPU)
+    with torch.no_grad():
+        args = (model, data.input_ids, data.labels, normalize(data.images), data.goal)
+        plain, mean, _ = answer_loss(*args, goal_weight=1.0)
+        weighted, mean_again, _ = answer_loss(*args, goal_weight=10.0)
+    assert plain == mean and torch.allclose(mean, mean_again)
+    assert not torch.allclose(weighted, mean)
+
+
+def test_goal_weight_needs_a_trace_and_a_positive_number(tmp_path):
+    with pytest.raises(ValueError, match="goal_weight.*visual_trace"):
+        train_small(TASK, tmp_path, goal_weight=5.0, progress=False)
+    with pytest.raises(ValueError, match="goal_weight"):
+        train_small(TASK, tmp_path, visual_trace=True, goal_weight=float("nan"), progress=False)
