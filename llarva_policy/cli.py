@@ -97,13 +97,16 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--task", required=True, help="RLBench task name or alias")
         p.add_argument("--out", required=True, help="run folder: demos, annotations, model/, eval/, summary.json")
         p.add_argument("--demos", type=int, default=100, help="scripted-expert demos to record and train on")
-        p.add_argument("--size", default="small", choices=("small", "toy"), help="model size (toy: tests only)")
+        p.add_argument("--size", default="small", choices=("small", "medium", "toy"),
+                       help="model size (toy: tests only)")
         p.add_argument("--demo-seed", type=int, default=0, help="seed of the demos (llarva demos --seed)")
         p.add_argument("--seed", type=int, default=0, help="annotation order, initialisation and data order")
         p.add_argument("--processes", type=int, default=1, help="processes recording demos")
-        p.add_argument("--train-seconds", type=float, default=300.0, help="wall-clock budget of the training")
+        p.add_argument("--train-seconds", type=float, default=300.0,
+                       help="wall-clock budget of the training (over all the runs that continue it)")
         p.add_argument("--run-seconds", type=float, default=None,
-                       help="budget of the whole run: training stops early enough to leave --eval-reserve-seconds")
+                       help="budget of this run: training stops early enough to leave --eval-reserve-seconds "
+                            "(unfinished, it continues when rerun into the same --out)")
         p.add_argument("--eval-reserve-seconds", type=float, default=150.0)
         p.add_argument("--max-steps", type=int, default=None,
                        help="training steps (default: as many as fit in the budget, recorded in summary.json)")
@@ -127,6 +130,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="loss weight of the visual trace's last point (the goal), with --visual-trace")
         p.add_argument("--action-noise", type=float, default=0.0,
                        help="DART noise injection in the demos (see llarva demos --action-noise)")
+        p.add_argument("--early-steps", type=int, default=5, help="see --early-weight")
+        p.add_argument("--early-weight", type=int, default=1,
+                       help="draw the first --early-steps steps of every episode this many times per epoch")
+        p.add_argument("--compile", action="store_true", help="torch.compile the model (faster on a GPU)")
+        p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                       help="without PyTorch's deterministic kernels (faster on a GPU; runs agree less closely)")
         p.add_argument("--render-quality", default="fast", choices=("fast", "high"),
                        help="rendering of the demos and the evaluation (high: shadows)")
         p.add_argument("--device", default=None)

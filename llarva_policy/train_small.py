@@ -45,6 +45,7 @@ to fill `train_seconds`, and the steps made are recorded in the summary; pass th
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import math
@@ -83,6 +84,11 @@ SHAPES = {
         dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3, patch_size=16),
         dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
     ),
+    # ~19M parameters: a wider, deeper tower and Llama, for runs that have the time.
+    "medium": (
+        dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, patch_size=16),
+        dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6),
+    ),
     "toy": (
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=32),
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
@@ -92,6 +98,8 @@ TOKENIZER_CORPUS = 4000    # conversations the tokenizer learns from (the file i
 SUMMARY_FILE = "summary.json"
 MODEL_DIR = "model"
 TRAINING_FILE = "llarva_train_small.json"   # in the model folder: how it was trained, and whether it finished
+STATE_FILE = "training_state.pt"     # an unfinished training: weights (fp32), optimizer, step, data order
+DATA_CACHE_FILE = "training_set.pt"  # the tokenized samples and their images, reused by a rerun
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,61 +358,95 @@ def _optimizer(model, lr: float, weight_decay: float, device: torch.device):
 
 def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device: torch.device, batch_size: int = 128,
                 lr: float = 1e-3, warmup_steps: int = 200, weight_decay: float = 0.01, max_steps: int | None = None,
-                train_seconds: float = 300.0, seed: int = 0, bf16: bool | None = None,
-                checkpoint_seconds: float = 60.0, on_checkpoint=None, log_every: int = 25,
-                goal_weight: float = 1.0, progress: bool = True) -> dict:
+                train_seconds: float = 300.0, stop_seconds: float | None = None, seed: int = 0,
+                bf16: bool | None = None, checkpoint_seconds: float = 60.0, on_checkpoint=None, log_every: int = 25,
+                goal_weight: float = 1.0, repeats: torch.Tensor | None = None, compile: bool = False,
+                resume: dict | None = None, progress: bool = True) -> dict:
     """Train every weight of `model` on `data` (on `device`); returns the training log.
 
-    Stops after `max_steps`, or when `train_seconds` have passed. With `max_steps=None` the
-    cosine schedule runs on the clock, ending with `train_seconds`: a step count guessed from an
-    early speed would be wrong whenever the machine's load changes (other runs starting or
+    Stops after `max_steps`, or when `train_seconds` of training have passed. With `max_steps=None`
+    the cosine schedule runs on the clock, ending with `train_seconds`: a step count guessed from
+    an early speed would be wrong whenever the machine's load changes (other runs starting or
     ending beside this one). The steps made are recorded as `max_steps`; passing that back
-    repeats the run on the step schedule. `on_checkpoint(model, log)` is called every
-    `checkpoint_seconds` and at the end. `goal_weight`: the loss weight of `data.goal`'s tokens.
+    repeats the run on the step schedule.
+
+    A training longer than one sitting (a device call has 10 minutes): `stop_seconds` ends this
+    call's share early (`stopped_by="stop_seconds"`, not finished), and `resume`, the last
+    `state` given to `on_checkpoint`, continues exactly there: weights, optimizer, step, the
+    clock's seconds, the data order. `on_checkpoint(model, log, state)` is called every
+    `checkpoint_seconds` and at the end.
+
+    `goal_weight`: the loss weight of `data.goal`'s tokens. `repeats` (S,) ints: how many times
+    each sample is drawn per epoch (1 for all if None). `compile`: `torch.compile` the LLaVA
+    forward (`model.model`, in place: the checkpoint's names do not change), every batch padded
+    to the data's full width so that one graph serves them all.
     """
     bf16 = device.type == "cuda" if bf16 is None else bf16
+    if resume is not None:
+        model.load_state_dict(resume["model"])
     model.to(device).train()
     model.requires_grad_(True)
     model.config.get_text_config().use_cache = False
+    if compile and getattr(model.model, "_compiled_call_impl", None) is None:
+        model.model.compile(dynamic=False)
     optimizer = _optimizer(model, lr, weight_decay, device)
+    pool = torch.arange(len(data)) if repeats is None else torch.repeat_interleave(torch.arange(len(data)), repeats.cpu())
+    if len(pool) < batch_size:
+        batch_size = len(pool)
     order = torch.Generator().manual_seed(seed)   # data order: a function of the seed alone
-    samples = len(data)
-    if samples < batch_size:
-        batch_size = samples
 
     on_clock = max_steps is None
     total = max_steps if max_steps is not None else 10 ** 9
     warmup = warmup_steps if on_clock else min(warmup_steps, max(1, total // 10))
-    log = {"max_steps": None if on_clock else total, "max_steps_chosen": "clock" if on_clock else "given",
-           "batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "weight_decay": weight_decay,
-           "bf16": bf16, "goal_weight": goal_weight, "samples": samples, "steps": 0, "epochs": 0.0, "seconds": 0.0, "stopped_by": None,
-           "history": []}
-    started = time.perf_counter()
-    last_checkpoint = started
-    warmup_ended = None        # when the clock's cosine starts
+    if resume is None:
+        log = {"max_steps": None if on_clock else total, "max_steps_chosen": "clock" if on_clock else "given",
+               "batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "weight_decay": weight_decay,
+               "bf16": bf16, "goal_weight": goal_weight, "samples": len(data), "samples_per_epoch": len(pool),
+               "compile": compile, "steps": 0, "epochs": 0.0, "seconds": 0.0, "stopped_by": None, "sittings": 1,
+               "history": []}
+        step, spent_before, warmup_ended_at = 0, 0.0, None
+        permutation, position = torch.randperm(len(pool), generator=order), 0
+    else:
+        optimizer.load_state_dict(resume["optimizer"])
+        log = {**resume["log"], "stopped_by": None, "sittings": resume["log"].get("sittings", 1) + 1}
+        step, spent_before, warmup_ended_at = resume["step"], resume["seconds"], resume["warmup_ended_at"]
+        order.set_state(resume["order"])
+        permutation, position = resume["permutation"], resume["position"]
+    # `started` is where the clock's zero lies: a resumed run continues the seconds already spent.
+    started = time.perf_counter() - spent_before
+    stop_at = train_seconds if stop_seconds is None else min(train_seconds, spent_before + stop_seconds)
+    last_checkpoint = time.perf_counter()
+    bar = tqdm(total=None if on_clock else total, initial=step, desc="train-small", unit="step",
+               disable=not progress, dynamic_ncols=True)
     lengths = data.lengths.cpu()    # batch lengths read on the CPU: no wait for the GPU
-    permutation, position = torch.randperm(samples, generator=order), 0
-    bar = tqdm(total=None if on_clock else total, desc="train-small", unit="step", disable=not progress,
-               dynamic_ncols=True)
-    step = 0
+    loss = mean_loss = accuracy = None
 
-    def log_entry(loss, accuracy) -> dict:
-        entry = {"step": step, "seconds": round(time.perf_counter() - started, 2),
-                 "lr": optimizer.param_groups[0]["lr"], "loss": round(loss.item(), 5),
-                 "answer_token_accuracy": round(accuracy.item(), 4)}
+    def elapsed() -> float:
+        return time.perf_counter() - started
+
+    def log_entry() -> dict:
+        entry = {"step": step, "seconds": round(elapsed(), 2), "lr": optimizer.param_groups[0]["lr"],
+                 "loss": round(mean_loss.item(), 5), "answer_token_accuracy": round(accuracy.item(), 4)}
         log["history"].append(entry)
         return entry
 
+    def state() -> dict:
+        log.update(steps=step, epochs=round(step * batch_size / len(pool), 3), seconds=round(elapsed(), 2))
+        return {"model": _cpu_copy(model.state_dict()),
+                "optimizer": _cpu_copy(optimizer.state_dict()), "log": copy.deepcopy(log), "step": step,
+                "seconds": elapsed(), "warmup_ended_at": warmup_ended_at, "order": order.get_state(),
+                "permutation": permutation, "position": position}
+
     try:
         while step < total:
-            if time.perf_counter() - started >= train_seconds:
-                log["stopped_by"] = "time"
+            if elapsed() >= stop_at:
+                log["stopped_by"] = "time" if stop_at >= train_seconds else "stop_seconds"
                 break
-            if position + batch_size > samples:            # a new epoch: a new order (last partial batch dropped)
-                permutation, position = torch.randperm(samples, generator=order), 0
-            rows = permutation[position:position + batch_size]
+            if position + batch_size > len(pool):            # a new epoch: a new order (last partial batch dropped)
+                permutation, position = torch.randperm(len(pool), generator=order), 0
+            rows = pool[permutation[position:position + batch_size]]
             position += batch_size
-            length = int(lengths[rows].max())
+            length = data.input_ids.shape[1] if compile else int(lengths[rows].max())
             index = rows.to(device)
             input_ids = data.input_ids[index, :length]
             labels = data.labels[index, :length]
@@ -413,9 +455,8 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
 
             clock = None
             if on_clock and step >= warmup:
-                warmup_ended = warmup_ended or time.perf_counter()
-                spent = time.perf_counter() - warmup_ended
-                clock = spent / max(1e-9, train_seconds - (warmup_ended - started))
+                warmup_ended_at = warmup_ended_at if warmup_ended_at is not None else elapsed()
+                clock = (elapsed() - warmup_ended_at) / max(1e-9, train_seconds - warmup_ended_at)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total, peak=lr, warmup=warmup, progress=clock)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -427,42 +468,60 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
             step += 1
 
             if step % log_every == 0 or step == total:   # reading the loss waits for the GPU: not every step
-                entry = log_entry(mean_loss, accuracy)
+                entry = log_entry()
                 bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['answer_token_accuracy']:.3f}",
                                 refresh=False)
             bar.update(1)
             if on_checkpoint is not None and time.perf_counter() - last_checkpoint >= checkpoint_seconds:
-                log.update(steps=step, epochs=round(step * batch_size / samples, 3),
-                           seconds=round(time.perf_counter() - started, 2))
-                on_checkpoint(model, log)
+                on_checkpoint(model, log, state())
                 last_checkpoint = time.perf_counter()
         else:
             log["stopped_by"] = "steps"
     finally:
         bar.close()
-    if step and (not log["history"] or log["history"][-1]["step"] != step):   # stopped by time between logs
-        log_entry(mean_loss, accuracy)
-    log.update(steps=step, epochs=round(step * batch_size / samples, 3),
-               seconds=round(time.perf_counter() - started, 2),
-               final_loss=log["history"][-1]["loss"] if log["history"] else None)
-    if on_clock:
+    if mean_loss is not None and (not log["history"] or log["history"][-1]["step"] != step):
+        log_entry()      # stopped by time between two log entries
+    final = state()
+    log.update(final_loss=log["history"][-1]["loss"] if log["history"] else None)
+    if on_clock and log["stopped_by"] != "stop_seconds":
         log["max_steps"] = step
+    final["log"] = copy.deepcopy(log)
     model.eval()
     if on_checkpoint is not None:
-        on_checkpoint(model, log)
+        on_checkpoint(model, log, final)
     return log
+
+
+def _cpu_copy(value):
+    """A copy of nested dicts/lists of tensors, the tensors on the CPU (the optimizer's state is
+    updated in place: a snapshot must not share its tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(item) for item in value)
+    return value
 
 
 class _Deterministic:
     """Deterministic kernels where PyTorch has them (warn elsewhere), restored on exit."""
 
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
     def __enter__(self):
+        if not self.enabled:
+            self.previous = None
+            return
         self.previous = (torch.are_deterministic_algorithms_enabled(),
                          torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
     def __exit__(self, *exc):
+        if self.previous is None:
+            return
         enabled, warn_only, benchmark = self.previous
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
@@ -491,6 +550,42 @@ def _folder_megabytes(folder: Path) -> float:
     return round(sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 1e6, 3)
 
 
+def _atomic_torch_save(content, path: Path) -> None:
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(content, temp)
+    os.replace(temp, path)
+
+
+def episode_step(entry: dict) -> int:
+    """The step of an annotation entry within its episode: its image is `.../front_rgb/<step>.png`."""
+    stem = Path(entry.get("image", "")).stem
+    if not stem.isdigit():
+        raise ValueError(f"annotation entry {entry.get('id')!r}: expected its image at .../<step>.png "
+                         f"(RLBench's layout), got {entry.get('image')!r}")
+    return int(stem)
+
+
+def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root, tokenizer,
+                         num_image_tokens: int) -> TrainingSet:
+    """`build_training_set`, stored in `cache` and reused while the annotations file and the
+    tokenizer are the same (a run resumed on the same machine skips a minute of tokenizing)."""
+    digest = hashlib.sha256(annotations_path.read_bytes())
+    digest.update(json.dumps([num_image_tokens, sorted(tokenizer.get_vocab().items())]).encode())
+    key = digest.hexdigest()
+    if cache.is_file():
+        try:
+            stored = torch.load(cache, weights_only=True)
+            if stored.get("key") == key:
+                return TrainingSet(*(stored[name] for name in TrainingSet.__dataclass_fields__))
+        except Exception:    # a cache that cannot be read is rebuilt, not an error
+            pass
+    data = build_training_set(entries, data_root, tokenizer, num_image_tokens=num_image_tokens,
+                              pad_token_id=tokenizer.pad_token_id)
+    _atomic_torch_save({"key": key, **{name: getattr(data, name) for name in TrainingSet.__dataclass_fields__}},
+                       cache)
+    return data
+
+
 def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_seed: int = 0, seed: int = 0,
                 processes: int = 1, train_seconds: float = 300.0, run_seconds: float | None = None,
                 eval_reserve_seconds: float = 150.0, max_steps: int | None = None, batch_size: int = 128,
@@ -498,22 +593,28 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                 checkpoint_seconds: float = 60.0, eval_episodes: int = 25, eval_num_envs: int = 8,
                 eval_seed: int = 0, eval_episode_length: int | None = None, expert_baseline: bool = True,
                 visual_trace: bool = False, trace_points: int = 10, history_noise: float = 0.0,
-                goal_weight: float = 1.0, action_noise: float = 0.0, render_quality: str = "fast", device=None,
+                goal_weight: float = 1.0, action_noise: float = 0.0, early_steps: int = 5, early_weight: int = 1,
+                compile: bool = False, deterministic: bool = True, render_quality: str = "fast", device=None,
                 export=None, isolate_evaluation: bool | None = None, progress: bool = True) -> dict:
     """Record demos, annotate, train a small LLaVA from scratch, evaluate it and the expert; returns the summary.
 
     See the module docstring for the steps and what `out` and `export` receive. Training stops
-    after `max_steps` or `train_seconds`; with `run_seconds` (a budget for the whole call, as a
-    device run has), also early enough to leave `eval_reserve_seconds` for the evaluations.
-    Rerunning into the same `out` continues the demos, keeps a finished model (trained with the
-    same options) and continues the evaluations. `eval_episodes=0` skips both evaluations (run
-    `llarva eval` on the model folder later, e.g. on another machine).
+    after `max_steps` or `train_seconds` of training. `run_seconds` is a budget for this call (a
+    device call has 10 minutes): training stops early enough to leave `eval_reserve_seconds`, and
+    if it has not finished, the call ends there, leaving `training_state.pt` in `out`.
+    Rerunning into the same `out` continues the demos, continues an unfinished training (same
+    options) where it stopped, keeps a finished model and continues the evaluations.
+    `eval_episodes=0` skips both evaluations (run `llarva eval` on the model folder later).
 
     `visual_trace`: the answers also hold the end effector's future path in the image
     (`trace_points` points), LLARVA's visual trace, written before the action; `history_noise`:
     sigma (radians) of the noise on the joint history in the training text, as LLARVA's 0.01;
     `goal_weight`: the loss weight of the trace's last point (`goal_span`), 1 = plain mean;
     `action_noise`: DART's noise injection in the demos (`record_demos`);
+    `early_weight`: the first `early_steps` steps of every episode are drawn `early_weight` times
+    per epoch (an episode's first steps are where the image alone says where to go: the history
+    still holds the start pose); `compile`: `torch.compile` the model (`train_model`);
+    `deterministic`: PyTorch's deterministic kernels (off: faster on CUDA, runs agree less closely);
     `render_quality`: the env's rendering for the demos and the evaluation ("high": shadows);
     `isolate_evaluation`: run each evaluation in a fresh process (default: when this process has
     started CUDA; see the evaluation step).
@@ -543,6 +644,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                          f"(got goal_weight={goal_weight!r} without a trace)")
     if not (isinstance(goal_weight, (int, float)) and math.isfinite(goal_weight) and goal_weight > 0):
         raise ValueError(f"goal_weight: expected a finite number > 0 (1: plain mean), got {goal_weight!r}")
+    for name, value in (("early_steps", early_steps), ("early_weight", early_weight)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     if not train_seconds > 0:
         raise ValueError(f"train_seconds: expected a number > 0, got {train_seconds!r}")
     out = Path(out).expanduser().resolve()
@@ -550,8 +654,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     device = resolve_device(device)
     data_root, annotations_path, model_dir = out / "data", out / "annotations.json", out / MODEL_DIR
     # What the trained model depends on (a finished model trained with other options is not reused).
+    # (`run_seconds` is not among them: it says where this run stops, a rerun continues the training.)
     options = {"task": task, "demos": demos, "size": size, "demo_seed": demo_seed, "seed": seed,
-               "train_seconds": train_seconds, "run_seconds": run_seconds, "max_steps": max_steps,
+               "train_seconds": train_seconds, "max_steps": max_steps,
                "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay,
                "visual_trace": bool(visual_trace), "trace_points": trace_points if visual_trace else None,
                "history_noise": history_noise, "render_quality": render_quality}
@@ -559,6 +664,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     options.update({k: v for k, v in (("goal_weight", goal_weight), ("action_noise", action_noise)) if v})
     if goal_weight == 1.0:
         options.pop("goal_weight", None)
+    if early_weight != 1:
+        options.update(early_steps=early_steps, early_weight=early_weight)
+    options.update({k: v for k, v in (("compile", compile), ("deterministic", deterministic)) if v != (k == "deterministic")})
     summary = {"task": task, "options": options,
                "evaluation": {"episodes": eval_episodes, "seed": eval_seed, "episode_length": eval_episode_length,
                               "num_envs": eval_num_envs, "render_quality": render_quality,
@@ -598,8 +706,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         tokenizer = build_tokenizer(corpus_texts=texts)
         model, processor = build_model(tokenizer, size, seed)
         num_image_tokens = model.config.image_seq_length
-        data = build_training_set(entries, data_root, tokenizer, num_image_tokens=num_image_tokens,
-                                  pad_token_id=tokenizer.pad_token_id)
+        data = _cached_training_set(out / DATA_CACHE_FILE, annotations_path, entries, data_root, tokenizer,
+                                    num_image_tokens)
         normalize = ImageNormalizer(processor.image_processor, device)
         normalize.check(processor.image_processor, data.images[:4])
         parameters = sum(p.numel() for p in model.parameters())
@@ -607,33 +715,55 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                             "image_tokens": num_image_tokens, "vision": SHAPES[size][0], "text": SHAPES[size][1],
                             "tokens_per_sample_mean": round(float(data.lengths.float().mean()), 1),
                             "tokens_per_sample_max": int(data.lengths.max())}
+        repeats = None
+        if early_weight != 1:
+            steps = torch.tensor([episode_step(entry) for entry in entries])
+            repeats = torch.where(steps < early_steps, early_weight, 1)
+        # A run stopped by its budget left its state: continue it if it was trained with these options.
+        state_path = out / STATE_FILE
+        resume = torch.load(state_path, weights_only=True) if state_path.is_file() else None
+        if resume is not None and resume.pop("options", None) != options:
+            resume = None
         # CUDA starts here, after the demo workers (which render with EGL) are done.
         summary["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        stage("data", samples=len(data), device=str(device), parameters=parameters)
+        stage("data", samples=len(data), device=str(device), parameters=parameters,
+              resumed_at_step=resume["step"] if resume else None)
 
-        def on_checkpoint(model, log):
-            info = {"options": options, "finished": log["stopped_by"] is not None, "training": log}
+        def on_checkpoint(model, log, state):
+            info = {"options": options, "finished": log["stopped_by"] in ("time", "steps"), "training": log}
             save_checkpoint(model, processor, model_dir, info)
+            if info["finished"]:
+                state_path.unlink(missing_ok=True)
+            else:
+                _atomic_torch_save({**state, "options": options}, state_path)
             summary["training"] = log
             summary["model"]["megabytes"] = _folder_megabytes(model_dir)
             if export is not None:
                 _tar_folder(model_dir, export / f"train_small_{task}_model.tar")
             save_summary()
 
-        budget = train_seconds
+        stop_seconds = None
         if run_seconds is not None:
-            budget = max(10.0, min(budget, run_seconds - eval_reserve_seconds - (time.perf_counter() - started)))
+            stop_seconds = max(10.0, run_seconds - eval_reserve_seconds - (time.perf_counter() - started))
         data = data.to(device)
-        with _Deterministic():
+        with _Deterministic(enabled=deterministic):
             log = train_model(model, data, normalize, device=device, batch_size=batch_size, lr=lr,
                               warmup_steps=warmup_steps, weight_decay=weight_decay, max_steps=max_steps,
-                              train_seconds=budget, seed=seed, checkpoint_seconds=checkpoint_seconds,
-                              on_checkpoint=on_checkpoint, goal_weight=goal_weight, progress=progress)
-        del model, data
+                              train_seconds=train_seconds, stop_seconds=stop_seconds, seed=seed,
+                              checkpoint_seconds=checkpoint_seconds, on_checkpoint=on_checkpoint,
+                              goal_weight=goal_weight, repeats=repeats, compile=compile, resume=resume,
+                              progress=progress)
+        del model, data, resume
         if device.type == "cuda":
             torch.cuda.empty_cache()
         stage("training", steps=log["steps"], epochs=log["epochs"], seconds=log["seconds"],
-              final_loss=log["final_loss"], stopped_by=log["stopped_by"])
+              final_loss=log["final_loss"], stopped_by=log["stopped_by"], sittings=log["sittings"])
+        if log["stopped_by"] == "stop_seconds":
+            # Not finished: no evaluation of a half-trained model; the next run into `out` continues.
+            save_summary()
+            if progress:
+                print(format_summary(summary))
+            return summary
 
     if eval_episodes == 0:
         save_summary()

@@ -40,6 +40,7 @@ from llarva_policy.train_small import (  # noqa: E402
     build_model,
     build_training_set,
     encode_conversations,
+    episode_step,
     goal_span,
     learning_rate,
     save_checkpoint,
@@ -138,6 +139,59 @@ def test_training_stops_at_the_time_budget_and_is_reproducible(annotated):
         weights.append({name: p.detach().clone() for name, p in model.named_parameters()})
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     assert not torch.equal(weights[0]["lm_head.weight"], toy_model(entries, seed=3)[1].lm_head.weight)
+
+
+def test_a_resumed_training_continues_as_if_it_had_never_stopped(annotated):
+    """The state handed to `on_checkpoint` (weights, optimizer, step, data order) resumes a run:
+    3 steps, then 3 more from that state, end where 6 steps in one go end, bit for bit (CPU)."""
+    data_root, entries = annotated
+    tokenizer, model, processor = toy_model(entries)
+    data = toy_data(entries, data_root, tokenizer, model)
+    normalize = ImageNormalizer(processor.image_processor, CPU)
+    common = dict(device=CPU, batch_size=4, max_steps=6, warmup_steps=2, seed=1, progress=False)
+    train_model(model, data, normalize, **common)
+    straight = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    states = []
+    _, model, _ = toy_model(entries)
+    train_model(model, data, normalize, checkpoint_seconds=0.0, on_checkpoint=lambda m, log, state: states.append(state),
+                **common)
+    at_three = next(state for state in states if state["step"] == 3)
+    _, model, _ = toy_model(entries, seed=9)       # other weights: resuming replaces them
+    log = train_model(model, data, normalize, resume=at_three, **common)
+    assert log["steps"] == 6 and log["sittings"] == 2 and log["stopped_by"] == "steps"
+    assert [entry["step"] for entry in log["history"]][-1] == 6
+    assert all(torch.equal(p, straight[name]) for name, p in model.named_parameters())
+
+
+def test_a_run_stopped_by_its_budget_continues_when_rerun(tmp_path):
+    """`run_seconds` ends this run's training early, unfinished: the state stays in `out`, no
+    evaluation runs; the rerun reuses the tokenized data (rebuilding a damaged cache), continues
+    the clock where it stopped, finishes, evaluates and removes the state. `early_weight` draws
+    the first steps more often."""
+    out = tmp_path / "run"
+    common = dict(size="toy", demos=2, batch_size=4, train_seconds=11.0, eval_episodes=1, eval_num_envs=1,
+                  eval_episode_length=2, expert_baseline=False, early_steps=3, early_weight=4, progress=False)
+    first = train_small(TASK, out, run_seconds=1.0, eval_reserve_seconds=0.0, **common)
+    assert first["training"]["stopped_by"] == "stop_seconds" and "eval" not in first
+    assert 10.0 <= first["training"]["seconds"] < 11.0
+    assert (out / "training_state.pt").is_file() and (out / "training_set.pt").is_file()
+    info = json.loads((out / MODEL_DIR / TRAINING_FILE).read_text())
+    assert info["finished"] is False and info["options"]["early_weight"] == 4
+    entries = load_annotations(out / "annotations.json", out / "data")
+    early = sum(episode_step(entry) < 3 for entry in entries)
+    assert early == 6 and first["training"]["samples_per_epoch"] == len(entries) + 3 * early
+
+    (out / "training_set.pt").write_bytes(b"not a torch file")
+    second = train_small(TASK, out, **common)
+    training = second["training"]
+    assert training["sittings"] == 2 and training["stopped_by"] == "time" and training["steps"] > first["training"]["steps"]
+    assert training["seconds"] >= 11.0 and training["max_steps"] == training["steps"]
+    assert second["eval"]["episodes"] == 1 and second["eval"]["parse_errors"] == 0
+    assert not (out / "training_state.pt").exists()
+    assert json.loads((out / MODEL_DIR / TRAINING_FILE).read_text())["finished"] is True
+    with pytest.raises(ValueError, match="expected its image at"):
+        episode_step({"id": 3, "image": "episode0/front_rgb/last.png"})
 
 
 @pytest.mark.slow
@@ -254,6 +308,8 @@ def test_recipe_options_are_checked(tmp_path):
         train_small(TASK, tmp_path, eval_episodes=-1, progress=False)
     with pytest.raises(ValueError, match="trace_points"):
         train_small(TASK, tmp_path, trace_points=0, progress=False)
+    with pytest.raises(ValueError, match="early_weight"):
+        train_small(TASK, tmp_path, early_weight=0, progress=False)
 
 
 def test_goal_tokens_are_the_last_trace_point_and_weight_the_loss(tmp_path):

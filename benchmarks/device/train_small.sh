@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# One self-contained GPU call of `llarva train-small` (issue 9) for one or more tasks at once:
-# record the demos, train a small LLaVA from random initialisation. The tasks run side by side
-# (the CPU cores are split between their demo recorders; a 7M-parameter model leaves most of the
-# GPU idle, so two trainings share it at little cost).
+# `llarva train-small` (issue 9) on the GPU for one or more tasks at once: record the demos, train
+# a small LLaVA from random initialisation. The tasks run side by side (the CPU cores are split
+# between their demo recorders; the trainings share the GPU).
 #
-#   bash benchmarks/device/train_small.sh reach_target sweep_to_dustpan_of_size       # on the device
+# The training lasts ${TRAIN_SECONDS:-960} s, longer than one device call (10 minutes): each call
+# runs until ${TOTAL_SECONDS:-530} s have passed and leaves its state in ${WORK:-/tmp/train_small};
+# the same command run again on the same (still warm) machine continues from there, reusing the
+# demos, the tokenized data and the compiled model. Three calls in a row finish the recipe.
+#
+#   bash benchmarks/device/train_small.sh reach_target sweep_to_dustpan_of_size       # on the device, 3 times
 #   bash benchmarks/device/train_small.sh reach_target -- --max-steps 2900            # repeat a run step for step
 #   OUT=/tmp/out bash benchmarks/device/train_small.sh reach_target --toy              # CPU dry run, toy scale
 #
-# The evaluation is not part of the GPU call: `llarva eval` runs the checkpoint on any machine
+# The evaluation is not part of the GPU calls: `llarva eval` runs the checkpoint on any machine
 # (examples/train_small.md gives the commands; the rollouts are what costs time, not the model).
 # Arguments after `--` go to every `llarva train-small`.
-# $OUT receives, per task, as they are made (so a run stopped by the time limit still returns them):
+# $OUT receives, per task, as they are made (so a call stopped by the time limit still returns them):
 #   train_small_<task>_model.tar    the checkpoint folder (transformers layout, bf16)
 #   train_small_<task>.json         summary: options, seeds, model size, training log
 #   train_small_<task>.log          the console output
@@ -34,26 +38,31 @@ fi
 export CUBLAS_WORKSPACE_CONFIG=:4096:8 TQDM_MININTERVAL=10 HF_HUB_OFFLINE=1
 
 # The recipe: LLARVA's visual trace (10 points) before the action, its last point (the goal)
-# weighted 10 in the loss, and demos recorded with DART noise injection (per task below). Not
+# weighted 10 in the loss, every episode's first 5 steps drawn 4 times per epoch (where the image
+# alone says where to go), and demos recorded with DART noise injection (per task below). Not
 # LLARVA's history noise: a model trained on noisy histories misreads the exact ones of a rollout.
+# Batch 512 with torch.compile and without deterministic kernels: faster per sample than batch 128
+# (benchmarks/train_small_speed.py measures it; an earlier session's H100 figure, 2.3x, was lost with
+# that machine and is not in benchmarks/results/).
 # (Shadows, --render-quality high, made recording 10x slower on the device's CPU renderer.)
-recipe=(--visual-trace --trace-points 10 --goal-weight 10 --eval-episodes 0)
+recipe=(--visual-trace --trace-points 10 --goal-weight 10 --early-steps 5 --early-weight 4 --eval-episodes 0
+        --batch-size 512 --compile --no-deterministic --train-seconds "${TRAIN_SECONDS:-960}")
 processes=$(( (${DEMO_CORES:-14}) / ${#tasks[@]} ))
 
 pids=()
 for task in "${tasks[@]}"; do
   case $task in   # demos per task (a minute or so of the host's cores) and DART noise
-    reach_target) demos=2000 noise=0.3 ;;
-    sweep_to_dustpan_of_size | sweep_to_dustpan) demos=1000 noise=0.2 ;;   # 0.4 fails the expert 60% of the time
+    reach_target) demos=4000 noise=0.3 ;;
+    sweep_to_dustpan_of_size | sweep_to_dustpan) demos=2000 noise=0.2 ;;   # 0.4 fails the expert 60% of the time
     *) demos=200 noise=0.2 ;;
   esac
   if [ $toy = 1 ]; then
-    args=(--demos 2 --size toy --max-steps 3 --batch-size 8 --processes 2)
+    args=(--demos 2 --size toy --max-steps 3 --batch-size 8 --processes 2 --train-seconds 60)
   else
     # The call must end within the device's 10 minutes: each run gets what is left of
-    # ${TOTAL_SECONDS:-570} s after setup, less a margin for the last checkpoint.
-    run_seconds=$(( ${TOTAL_SECONDS:-570} - SECONDS - 10 ))
-    args=(--demos $demos --action-noise $noise --processes $processes --train-seconds 600 --run-seconds $run_seconds
+    # ${TOTAL_SECONDS:-530} s after setup, less a margin for the last checkpoint.
+    run_seconds=$(( ${TOTAL_SECONDS:-530} - SECONDS - 10 ))
+    args=(--demos $demos --action-noise $noise --processes $processes --run-seconds $run_seconds
           --eval-reserve-seconds 25)
   fi
   $python -m llarva_policy.cli train-small --task "$task" --out "${WORK:-/tmp/train_small}/$task" --export "$OUT" \
