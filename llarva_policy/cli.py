@@ -102,8 +102,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--demo-seed", type=int, default=0, help="seed of the demos (llarva demos --seed)")
         p.add_argument("--seed", type=int, default=0, help="annotation order, initialisation and data order")
         p.add_argument("--processes", type=int, default=1, help="processes recording demos")
-        p.add_argument("--train-seconds", type=float, default=300.0,
-                       help="wall-clock budget of the training (over all the runs that continue it)")
+        p.add_argument("--train-seconds", type=_seconds_or_fit, default=300.0,
+                       help="wall-clock budget of the training (over all the runs that continue it), or "
+                            "'fit': what --run-seconds leaves, finished in this run")
         p.add_argument("--run-seconds", type=float, default=None,
                        help="budget of this run: training stops early enough to leave --eval-reserve-seconds "
                             "(unfinished, it continues when rerun into the same --out)")
@@ -127,7 +128,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--history-noise", type=float, default=0.0,
                        help="sigma (rad) of the noise on the joint history in the training text (LLARVA: 0.01)")
         p.add_argument("--goal-weight", type=float, default=1.0,
-                       help="loss weight of the visual trace's last point (the goal), with --visual-trace")
+                       help="loss weight of the visual trace's goal (--goal-points), with --visual-trace")
+        p.add_argument("--goal-points", default="last", choices=("last", "future"),
+                       help="the points --goal-weight weights: the last, or all but the first (the ones "
+                            "teacher forcing does not give away: see train_small.goal_span)")
         p.add_argument("--action-noise", type=float, default=0.0,
                        help="DART noise injection in the demos (see llarva demos --action-noise)")
         p.add_argument("--early-steps", type=int, default=5, help="see --early-weight")
@@ -183,6 +187,16 @@ def _run(command: str, args: argparse.Namespace) -> None:
                            num_envs=args.num_envs, demos=args.demos, video_dir=args.video,
                            results_path=args.results, seed=args.seed, render_quality=args.render_quality)
         print_summary(results)
+
+
+def _seconds_or_fit(text: str) -> float | None:
+    """--train-seconds: a number, or "fit" (None: what --run-seconds leaves, finished in this run)."""
+    if text == "fit":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or 'fit', got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -187,19 +187,33 @@ class TrainingSet:
 _TRACE_POINT = re.compile(r"\[\d+, \d+\]")
 
 
-def goal_span(answer: str) -> tuple[int, int] | None:
-    """Where, in `answer`, the visual trace's last point is written (None without a trace).
+GOAL_POINTS = ("last", "future")
 
-    The trace ends where the episode ends: the target reached, the dustpan the dirt went into. It
-    is the answer's goal, the few tokens that a policy can only get right by reading the image
-    and the instruction together; `goal_weight` weights them in the loss.
+
+def goal_span(answer: str, goal_points: str = "last") -> tuple[int, int] | None:
+    """Where, in `answer`, the visual trace's goal is written (None without a trace), the
+    characters that `goal_weight` weights in the loss.
+
+    `goal_points="last"`: the trace's last point, where the episode ends (the target reached, the
+    dustpan the dirt went into). `"future"`: every point after the first (the first is the
+    current position, which the image shows). Why "future": the loss is taken with the true
+    answer as the input (teacher forcing), and a point whose earlier points are given is mostly
+    their extrapolation: on reach_target demos with 10 points the last one is within about 1 px
+    of the line through the two before it, so weighting it teaches extrapolation, not where the
+    goal is. The points that the image and the instruction alone can tell are the first future
+    ones; with few trace points (3-4) they lie far along the path and carry the decision.
     """
+    if goal_points not in GOAL_POINTS:
+        raise ValueError(f"goal_points: expected one of {GOAL_POINTS}, got {goal_points!r}")
     points = list(_TRACE_POINT.finditer(answer))
-    return (points[-1].start(), points[-1].end()) if points else None
+    if not points or (goal_points == "future" and len(points) < 2):
+        return None
+    first = points[-1] if goal_points == "last" else points[1]
+    return first.start(), points[-1].end()
 
 
 def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_token: str = codec.IMAGE_TOKEN,
-                         template=codec.TRAINING, chunk: int = 2048) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                         template=codec.TRAINING, goal_points: str = "last", chunk: int = 2048) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(input_ids, labels, goal) of every annotation entry; ids and labels as
     `finetune.tokenize_conversation` makes them, goal the answer tokens of `goal_span` (bool).
 
@@ -218,7 +232,7 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
             question, answer = conversation_turns(entry)
             texts.append(codec.build_conversation_text(question, answer, template=template))
             answer_starts.append(codec.answer_span(question, answer, template=template)[0])
-            goal = goal_span(answer)
+            goal = goal_span(answer, goal_points)
             goals.append((-1, -1) if goal is None else (answer_starts[-1] + goal[0], answer_starts[-1] + goal[1]))
         batch = tokenizer(texts, return_offsets_mapping=True, padding=True, padding_side="right", return_tensors="np")
         real = batch["attention_mask"].astype(bool)
@@ -263,8 +277,9 @@ def load_images(paths, *, threads: int | None = None) -> np.ndarray:
 
 
 def build_training_set(entries, images_root, tokenizer, *, num_image_tokens: int, template=codec.TRAINING,
-                       pad_token_id: int) -> TrainingSet:
-    encoded = encode_conversations(entries, tokenizer, num_image_tokens=num_image_tokens, template=template)
+                       pad_token_id: int, goal_points: str = "last") -> TrainingSet:
+    encoded = encode_conversations(entries, tokenizer, num_image_tokens=num_image_tokens, template=template,
+                                   goal_points=goal_points)
     lengths = [len(ids) for ids, _, _ in encoded]
     input_ids = np.full((len(encoded), max(lengths)), pad_token_id, dtype=np.int64)
     labels = np.full((len(encoded), max(lengths)), IGNORE_INDEX, dtype=np.int64)
@@ -566,11 +581,12 @@ def episode_step(entry: dict) -> int:
 
 
 def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root, tokenizer,
-                         num_image_tokens: int) -> TrainingSet:
-    """`build_training_set`, stored in `cache` and reused while the annotations file and the
-    tokenizer are the same (a run resumed on the same machine skips a minute of tokenizing)."""
+                         num_image_tokens: int, goal_points: str) -> TrainingSet:
+    """`build_training_set`, stored in `cache` and reused while the annotations file, the
+    tokenizer and `goal_points` are the same (a resumed run on the same machine skips a minute
+    of tokenizing)."""
     digest = hashlib.sha256(annotations_path.read_bytes())
-    digest.update(json.dumps([num_image_tokens, sorted(tokenizer.get_vocab().items())]).encode())
+    digest.update(json.dumps([num_image_tokens, goal_points, sorted(tokenizer.get_vocab().items())]).encode())
     key = digest.hexdigest()
     if cache.is_file():
         try:
@@ -580,20 +596,20 @@ def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root
         except Exception:    # a cache that cannot be read is rebuilt, not an error
             pass
     data = build_training_set(entries, data_root, tokenizer, num_image_tokens=num_image_tokens,
-                              pad_token_id=tokenizer.pad_token_id)
+                              pad_token_id=tokenizer.pad_token_id, goal_points=goal_points)
     _atomic_torch_save({"key": key, **{name: getattr(data, name) for name in TrainingSet.__dataclass_fields__}},
                        cache)
     return data
 
 
 def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_seed: int = 0, seed: int = 0,
-                processes: int = 1, train_seconds: float = 300.0, run_seconds: float | None = None,
+                processes: int = 1, train_seconds: float | None = 300.0, run_seconds: float | None = None,
                 eval_reserve_seconds: float = 150.0, max_steps: int | None = None, batch_size: int = 128,
                 lr: float = 1e-3, warmup_steps: int = 200, weight_decay: float = 0.01,
                 checkpoint_seconds: float = 60.0, eval_episodes: int = 25, eval_num_envs: int = 8,
                 eval_seed: int = 0, eval_episode_length: int | None = None, expert_baseline: bool = True,
                 visual_trace: bool = False, trace_points: int = 10, history_noise: float = 0.0,
-                goal_weight: float = 1.0, action_noise: float = 0.0, early_steps: int = 5, early_weight: int = 1,
+                goal_weight: float = 1.0, goal_points: str = "last", action_noise: float = 0.0, early_steps: int = 5, early_weight: int = 1,
                 compile: bool = False, deterministic: bool = True, render_quality: str = "fast", device=None,
                 export=None, isolate_evaluation: bool | None = None, progress: bool = True) -> dict:
     """Record demos, annotate, train a small LLaVA from scratch, evaluate it and the expert; returns the summary.
@@ -602,6 +618,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     after `max_steps` or `train_seconds` of training. `run_seconds` is a budget for this call (a
     device call has 10 minutes): training stops early enough to leave `eval_reserve_seconds`, and
     if it has not finished, the call ends there, leaving `training_state.pt` in `out`.
+    `train_seconds=None` (needs `run_seconds`): the training takes what this call leaves and
+    finishes in it (the cosine schedule ends with it).
     Rerunning into the same `out` continues the demos, continues an unfinished training (same
     options) where it stopped, keeps a finished model and continues the evaluations.
     `eval_episodes=0` skips both evaluations (run `llarva eval` on the model folder later).
@@ -609,7 +627,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     `visual_trace`: the answers also hold the end effector's future path in the image
     (`trace_points` points), LLARVA's visual trace, written before the action; `history_noise`:
     sigma (radians) of the noise on the joint history in the training text, as LLARVA's 0.01;
-    `goal_weight`: the loss weight of the trace's last point (`goal_span`), 1 = plain mean;
+    `goal_weight`: the loss weight of the trace's goal (`goal_span`), 1 = plain mean; `goal_points`:
+    which points are the goal, "last" or "future" (all but the first: see `goal_span`);
     `action_noise`: DART's noise injection in the demos (`record_demos`);
     `early_weight`: the first `early_steps` steps of every episode are drawn `early_weight` times
     per epoch (an episode's first steps are where the image alone says where to go: the history
@@ -640,15 +659,19 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     if render_quality not in ("fast", "high"):
         raise ValueError(f"render_quality: expected 'fast' or 'high', got {render_quality!r}")
     if visual_trace is False and goal_weight != 1.0:
-        raise ValueError(f"goal_weight: weights the visual trace's last point, so it needs visual_trace=True "
+        raise ValueError(f"goal_weight: weights points of the visual trace, so it needs visual_trace=True "
                          f"(got goal_weight={goal_weight!r} without a trace)")
     if not (isinstance(goal_weight, (int, float)) and math.isfinite(goal_weight) and goal_weight > 0):
         raise ValueError(f"goal_weight: expected a finite number > 0 (1: plain mean), got {goal_weight!r}")
+    if goal_points not in GOAL_POINTS:
+        raise ValueError(f"goal_points: expected one of {GOAL_POINTS}, got {goal_points!r}")
     for name, value in (("early_steps", early_steps), ("early_weight", early_weight)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    if not train_seconds > 0:
-        raise ValueError(f"train_seconds: expected a number > 0, got {train_seconds!r}")
+    if train_seconds is None and run_seconds is None:
+        raise ValueError("train_seconds=None (train for what this run leaves) needs run_seconds, the run's budget")
+    if train_seconds is not None and not train_seconds > 0:
+        raise ValueError(f"train_seconds: expected a number > 0 or None, got {train_seconds!r}")
     out = Path(out).expanduser().resolve()
     export = Path(export).expanduser().resolve() if export is not None else None
     device = resolve_device(device)
@@ -664,6 +687,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     options.update({k: v for k, v in (("goal_weight", goal_weight), ("action_noise", action_noise)) if v})
     if goal_weight == 1.0:
         options.pop("goal_weight", None)
+    elif goal_points != "last":
+        options["goal_points"] = goal_points
     if early_weight != 1:
         options.update(early_steps=early_steps, early_weight=early_weight)
     options.update({k: v for k, v in (("compile", compile), ("deterministic", deterministic)) if v != (k == "deterministic")})
@@ -707,7 +732,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         model, processor = build_model(tokenizer, size, seed)
         num_image_tokens = model.config.image_seq_length
         data = _cached_training_set(out / DATA_CACHE_FILE, annotations_path, entries, data_root, tokenizer,
-                                    num_image_tokens)
+                                    num_image_tokens, goal_points)
         normalize = ImageNormalizer(processor.image_processor, device)
         normalize.check(processor.image_processor, data.images[:4])
         parameters = sum(p.numel() for p in model.parameters())
@@ -745,11 +770,14 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         stop_seconds = None
         if run_seconds is not None:
             stop_seconds = max(10.0, run_seconds - eval_reserve_seconds - (time.perf_counter() - started))
+        budget = train_seconds
+        if budget is None:     # what this run leaves, and finish in it
+            budget, stop_seconds = stop_seconds + (resume["seconds"] if resume else 0.0), None
         data = data.to(device)
         with _Deterministic(enabled=deterministic):
             log = train_model(model, data, normalize, device=device, batch_size=batch_size, lr=lr,
                               warmup_steps=warmup_steps, weight_decay=weight_decay, max_steps=max_steps,
-                              train_seconds=train_seconds, stop_seconds=stop_seconds, seed=seed,
+                              train_seconds=budget, stop_seconds=stop_seconds, seed=seed,
                               checkpoint_seconds=checkpoint_seconds, on_checkpoint=on_checkpoint,
                               goal_weight=goal_weight, repeats=repeats, compile=compile, resume=resume,
                               progress=progress)

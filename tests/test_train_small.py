@@ -67,9 +67,9 @@ def toy_model(entries, seed=0):
     return tokenizer, model, processor
 
 
-def toy_data(entries, data_root, tokenizer, model):
+def toy_data(entries, data_root, tokenizer, model, goal_points="last"):
     return build_training_set(entries, data_root, tokenizer, num_image_tokens=model.config.image_seq_length,
-                              pad_token_id=tokenizer.pad_token_id)
+                              pad_token_id=tokenizer.pad_token_id, goal_points=goal_points)
 
 
 def test_samples_are_tokenized_as_finetune_tokenizes_them(annotated):
@@ -194,6 +194,21 @@ def test_a_run_stopped_by_its_budget_continues_when_rerun(tmp_path):
         episode_step({"id": 3, "image": "episode0/front_rgb/last.png"})
 
 
+def test_a_training_fitted_to_the_run_finishes_in_it(tmp_path):
+    """`train_seconds=None`: the training takes what `run_seconds` leaves after the demos and
+    the reserve, and finishes (the schedule ends with it): no state is left, the evaluation runs."""
+    with pytest.raises(ValueError, match="needs run_seconds"):
+        train_small(TASK, tmp_path / "bad", train_seconds=None, progress=False)
+    out = tmp_path / "run"
+    summary = train_small(TASK, out, size="toy", demos=2, batch_size=4, train_seconds=None, run_seconds=40.0,
+                          eval_reserve_seconds=25.0, eval_episodes=1, eval_num_envs=1, eval_episode_length=2,
+                          expert_baseline=False, progress=False)
+    training = summary["training"]
+    assert training["stopped_by"] == "time" and training["sittings"] == 1
+    assert 10.0 <= training["seconds"] < 40.0 - 25.0 + 1.0
+    assert summary["eval"]["episodes"] == 1 and not (out / "training_state.pt").exists()
+
+
 @pytest.mark.slow
 def test_a_trained_model_writes_back_the_answers_it_was_trained_on(annotated, tmp_path):
     """Training text and inference prompts agree: a model trained to memorise four samples answers
@@ -312,13 +327,22 @@ def test_recipe_options_are_checked(tmp_path):
         train_small(TASK, tmp_path, early_weight=0, progress=False)
 
 
-def test_goal_tokens_are_the_last_trace_point_and_weight_the_loss(tmp_path):
-    """`goal_span` finds the trace's last point in the answer; the goal mask marks exactly the
-    label positions that predict its tokens; `goal_weight` changes the training loss only."""
-    assert goal_span("The next action step: [0.1, -0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]") is None
+@pytest.mark.parametrize("goal_points", ["last", "future"])
+def test_goal_tokens_are_the_trace_points_asked_for_and_weight_the_loss(tmp_path, goal_points):
+    """`goal_span` finds the trace's last point (or every point after the first) in the answer;
+    the goal mask marks exactly the label positions that predict its tokens; `goal_weight`
+    changes the training loss only."""
+    action_only = "The next action step: [0.1, -0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]"
+    assert goal_span(action_only) is None and goal_span(action_only, "future") is None
     answer = codec.format_answer(np.r_[np.full(7, 0.25), 1.0], np.array([[10, 20], [30, 40], [57, 61]]))
     start, end = goal_span(answer)
     assert answer[start:end] == "[57, 61]"
+    start, end = goal_span(answer, "future")
+    assert answer[start:end] == "[30, 40], [57, 61]"
+    one_point = codec.format_answer(np.r_[np.full(7, 0.25), 1.0], np.array([[10, 20]]))
+    assert goal_span(one_point, "future") is None and goal_span(one_point) is not None
+    with pytest.raises(ValueError, match="goal_points"):
+        goal_span(answer, "first")
 
     root = tmp_path
     record_demos(TASK, 1, root / "data", seed=0, progress=False)
@@ -326,10 +350,10 @@ def test_goal_tokens_are_the_last_trace_point_and_weight_the_loss(tmp_path):
              progress=False)
     entries = load_annotations(root / "annotations.json", root / "data")[:8]
     tokenizer, model, _ = toy_model(entries)
-    data = toy_data(entries, root / "data", tokenizer, model)
+    data = toy_data(entries, root / "data", tokenizer, model, goal_points)
     for row, entry in enumerate(entries):
         answer = conversation_turns(entry)[1]
-        start, end = goal_span(answer)
+        start, end = goal_span(answer, goal_points)
         goal = data.goal[row].numpy()
         # Position i predicts token i + 1: the goal's tokens are those that overlap the last point
         # (a token may reach past it, as "]]." does).
@@ -352,3 +376,5 @@ def test_goal_weight_needs_a_trace_and_a_positive_number(tmp_path):
         train_small(TASK, tmp_path, goal_weight=5.0, progress=False)
     with pytest.raises(ValueError, match="goal_weight"):
         train_small(TASK, tmp_path, visual_trace=True, goal_weight=float("nan"), progress=False)
+    with pytest.raises(ValueError, match="goal_points"):
+        train_small(TASK, tmp_path, visual_trace=True, goal_weight=5.0, goal_points="middle", progress=False)

@@ -3,12 +3,14 @@
 # a small LLaVA from random initialisation. The tasks run side by side (the CPU cores are split
 # between their demo recorders; the trainings share the GPU).
 #
-# The training lasts ${TRAIN_SECONDS:-960} s, longer than one device call (10 minutes): each call
-# runs until ${TOTAL_SECONDS:-530} s have passed and leaves its state in ${WORK:-/tmp/train_small};
-# the same command run again on the same (still warm) machine continues from there, reusing the
-# demos, the tokenized data and the compiled model. Three calls in a row finish the recipe.
+# By default the training takes what is left of one device call (10 minutes) after the demos, and
+# finishes in it. TRAIN_SECONDS=960 makes it longer than one call: then each call runs until
+# ${TOTAL_SECONDS:-530} s have passed and leaves its state in ${WORK:-/tmp/train_small}; the same
+# command run again on the same (still warm) machine continues from there, reusing the demos, the
+# tokenized data and the compiled model.
 #
-#   bash benchmarks/device/train_small.sh reach_target sweep_to_dustpan_of_size       # on the device, 3 times
+#   bash benchmarks/device/train_small.sh reach_target sweep_to_dustpan_of_size       # on the device
+#   TRAIN_SECONDS=960 bash benchmarks/device/train_small.sh reach_target             # 3 calls in a row
 #   bash benchmarks/device/train_small.sh reach_target -- --max-steps 2900            # repeat a run step for step
 #   OUT=/tmp/out bash benchmarks/device/train_small.sh reach_target --toy              # CPU dry run, toy scale
 #
@@ -37,27 +39,30 @@ else
 fi
 export CUBLAS_WORKSPACE_CONFIG=:4096:8 TQDM_MININTERVAL=10 HF_HUB_OFFLINE=1
 
-# The recipe: LLARVA's visual trace (10 points) before the action, its last point (the goal)
-# weighted 10 in the loss, every episode's first 5 steps drawn 4 times per epoch (where the image
-# alone says where to go), and demos recorded with DART noise injection (per task below). Not
+# The recipe: LLARVA's visual trace before the action, with 3 points (now, half-way, the end) and
+# its two future points weighted 10 in the loss (with 10 points, teacher forcing gives each point
+# away from the ones before it: train_small.goal_span), every episode's first 5 steps drawn 4 times
+# per epoch (where the image alone says where to go), and demos recorded with DART noise injection
+# (per task below). Not
 # LLARVA's history noise: a model trained on noisy histories misreads the exact ones of a rollout.
-# Batch 512 with torch.compile and without deterministic kernels: faster per sample than batch 128
-# (benchmarks/train_small_speed.py measures it; an earlier session's H100 figure, 2.3x, was lost with
-# that machine and is not in benchmarks/results/).
+# Batch 512 without deterministic kernels: faster per sample than batch 128 with them
+# (benchmarks/train_small_speed.py measures it; an earlier session's H100 figure, 2.3x with
+# --compile, was lost with that machine). No --compile here: its first step costs about a minute
+# of a 5-minute training.
 # (Shadows, --render-quality high, made recording 10x slower on the device's CPU renderer.)
-recipe=(--visual-trace --trace-points 10 --goal-weight 10 --early-steps 5 --early-weight 4 --eval-episodes 0
-        --batch-size 512 --compile --no-deterministic --train-seconds "${TRAIN_SECONDS:-960}")
+recipe=(--visual-trace --trace-points 3 --goal-weight 10 --goal-points future --early-steps 5 --early-weight 4
+        --eval-episodes 0 --batch-size 512 --no-deterministic --train-seconds "${TRAIN_SECONDS:-fit}")
 processes=$(( (${DEMO_CORES:-14}) / ${#tasks[@]} ))
 
 pids=()
 for task in "${tasks[@]}"; do
   case $task in   # demos per task (a minute or so of the host's cores) and DART noise
-    reach_target) demos=4000 noise=0.3 ;;
-    sweep_to_dustpan_of_size | sweep_to_dustpan) demos=2000 noise=0.2 ;;   # 0.4 fails the expert 60% of the time
+    reach_target) demos=${REACH_DEMOS:-2000} noise=0.3 ;;
+    sweep_to_dustpan_of_size | sweep_to_dustpan) demos=${SWEEP_DEMOS:-1000} noise=0.2 ;;   # 0.4 fails the expert 60% of the time
     *) demos=200 noise=0.2 ;;
   esac
   if [ $toy = 1 ]; then
-    args=(--demos 2 --size toy --max-steps 3 --batch-size 8 --processes 2 --train-seconds 60)
+    args=(--demos 2 --size toy --max-steps 3 --batch-size 8 --processes 2 --train-seconds 60 --trace-points 3)
   else
     # The call must end within the device's 10 minutes: each run gets what is left of
     # ${TOTAL_SECONDS:-530} s after setup, less a margin for the last checkpoint.
