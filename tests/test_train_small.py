@@ -5,6 +5,7 @@ annotated with `annotate`.
 """
 
 import json
+from pathlib import Path
 import tarfile
 
 import numpy as np
@@ -378,3 +379,27 @@ def test_goal_weight_needs_a_trace_and_a_positive_number(tmp_path):
         train_small(TASK, tmp_path, visual_trace=True, goal_weight=float("nan"), progress=False)
     with pytest.raises(ValueError, match="goal_points"):
         train_small(TASK, tmp_path, visual_trace=True, goal_weight=5.0, goal_points="middle", progress=False)
+
+
+def test_first_step_trace_benchmark_scores_a_checkpoint_on_held_out_scenes(tmp_path):
+    """benchmarks/first_step_trace.py: a toy checkpoint's step-0 trace against the demos' own, on
+    scenes recorded with another seed; the trace length comes from the checkpoint's record."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "first_step_trace.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    train_small(TASK, tmp_path / "run", size="toy", demos=2, batch_size=4, max_steps=2, visual_trace=True,
+                trace_points=3, eval_episodes=0, progress=False)
+    out = tmp_path / "trace.json"
+    report = benchmark.main(["--task", TASK, "--checkpoint", str(tmp_path / "run" / MODEL_DIR), "--scenes", "2",
+                             "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert report["trace_points"] == 3 and len(report["rows"]) == 2
+    for row in report["rows"]:
+        assert len(row["true_trace"]) == 3 and row["true_end"] == row["true_trace"][-1]
+        assert row["error_px"] == pytest.approx(np.hypot(*np.subtract(row["true_end"], row["predicted_end"])), abs=0.06)
+    summary = report["summary"]
+    assert summary["scenes"] == 2 and summary["within_10_px"] <= 2
+    assert summary["median_error_px"] == pytest.approx(np.median([row["error_px"] for row in report["rows"]]), abs=0.06)
