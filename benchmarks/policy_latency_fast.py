@@ -9,11 +9,10 @@ one 128x128 image). Answers are forced to `--new-tokens` tokens (64) in the time
 suppressed (generate: `min_new_tokens`, FastGenerator: `ignore_eos`), unconstrained, so both engines
 do exactly the same work. The `+constrained` rows show the policy's real path (constrained action
 answers that stop at EOS, at most `--new-tokens`); a random model rarely closes early, so they run
-to about the budget. Every constrained answer is checked to parse. At batch 1 they run twice:
-one token per decode forward (`+constrained`, `multi_token=False`), and `+constrained+multi-token`,
-where the tokens the grammar forces ("," after a fourth decimal, "]" and EOS, ...) go into the
-forward of the token before them (FastGenerator's default at batch 1); batches always decode one
-token a forward. Constrained rows report `sequential_steps` (decode forwards after the prefill,
+to about the budget. Every constrained answer is checked to parse. They run twice: one token per
+decode forward (`+constrained`, `multi_token=False`), and `+constrained+multi-token`, where the
+tokens the grammar forces ("," after a fourth decimal, "]" and EOS, ...) go into the forward of the
+token before them (FastGenerator's default for constrained answers). Constrained rows report `sequential_steps` (decode forwards after the prefill,
 `FastGenerator.last_decode_steps`) and `first_call_seconds` (the multi-token row's includes the
 capture, and compile, of the wider step); the multi-token row says whether its tokens are the
 one-token row's (`same_tokens_as_one_token_per_step`: they must be, up to bf16 rounding: the wider
@@ -277,10 +276,10 @@ def main(argv=None) -> dict:
                 print(f"  NOTE {name}: {generator.fallback_reason}")
             record(row)
 
-            # The policy's real path: constrained action answers that stop at EOS; at batch 1 one
-            # token a forward, then with forced runs in the forward of the token before them.
+            # The policy's real path: constrained action answers that stop at EOS; one token a
+            # forward, then with forced runs in the forward of the token before them.
             one_token = None
-            for multi_token in ([False, True] if batch == 1 else [False]):
+            for multi_token in (False, True):
                 def run_constrained():
                     return generator.generate(inputs, max_new_tokens=new_tokens, constrained=True,
                                               multi_token=multi_token)

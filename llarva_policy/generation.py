@@ -5,12 +5,15 @@
 * "hf": transformers' greedy `generate` (dynamic KV cache, one Python-driven forward per token).
 * "fast": `FastGenerator`, built for the shape of a LLARVA step, a batch of long multimodal prompts
   and short answers:
-    1. prefill once, batched: the model's own forward (vision tower, projector, image-token merging,
-       the prompt through the language model), which leaves a KV cache;
-    2. that cache is copied into preallocated K/V tensors of fixed length (a static cache);
-    3. each new token is one decode step of the LANGUAGE MODEL only (`model.model.language_model`
-       + `model.lm_head`), written here with fixed shapes so that on CUDA it is captured once per
-       batch size as a CUDA graph and replayed (on CPU the same code runs eagerly).
+    1. prefill once, batched: the vision tower and projector (the model's own code) make the
+       image features, which take the image tokens' places among the prompt's embeddings; the
+       prompt then goes through the LANGUAGE MODEL (`model.model.language_model` + `model.lm_head`)
+       in code written here, which puts its K/V straight into preallocated tensors of fixed length
+       (a static cache); prompts are left-padded to a multiple of 64 tokens, so that on CUDA a
+       compiled prefill serves many prompt lengths;
+    2. each new token is one decode step of the language model only, with fixed shapes, so that on
+       CUDA it is captured once per batch size as a CUDA graph and replayed (on CPU the same code
+       runs eagerly).
   Greedy tokens are the same as `generate`'s (tests/test_generation.py checks it on batches of
   left-padded prompts of different lengths).
 
@@ -25,15 +28,14 @@ the text a prefix of a valid answer are allowed, with a budget rule that always 
 close the answer within `max_new_tokens`. So every answer parses (with `expect_trace=visual_trace`),
 even from a random model. Where the grammar allows one token only (with LLaMA-style tokenizers:
 the "," after a number's fourth decimal, the "]" and EOS that close the action, the space after a
-trace point's ","), the fast path at batch 1 feeds it in the decode forward of the token before
-it: the same tokens in fewer sequential forwards (`FastGenerator`, `multi_token`).
+trace point's ","), the fast path feeds it in the decode forward of the token before it: the same
+tokens in fewer sequential forwards (`FastGenerator`, `multi_token`).
 
 All decoding here is greedy (LLARVA evaluates greedily).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import warnings
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from llarva_policy import codec
 
@@ -133,16 +135,18 @@ class ActionGrammar:
     token t in state s, or -1 where t is not allowed. `tokens_to_finish[s]` is the fewest tokens
     from s to the end of the answer, EOS included: a token is allowed only if what is left of
     `max_new_tokens` still covers that, so the answer always closes in time.
-    `forced[s]` is (token, next state) where state s allows that one token only (the "," after a
-    number's fourth decimal, the "]" and EOS that close the action, ...), else None; it is a host
-    list, read by `forced_run`, so that the fast path can feed a forced run in one decode step.
+    `forced_token[s]` is the one token state s allows (the "," after a number's fourth decimal, the
+    "]" and EOS that close the action, ...) and `forced_next[s]` the state after it, or -1 for both
+    where s allows a choice: the fast path feeds such tokens in the decode step of the token
+    before them.
     """
 
     forced_ids: list[int]
     next_state: torch.Tensor        # (num_states, vocab) int64, -1 = not allowed
     tokens_to_finish: torch.Tensor  # (num_states,) int64
     finished_state: int
-    forced: list[tuple[int, int] | None]
+    forced_token: torch.Tensor      # (num_states,) int64, -1 = a choice
+    forced_next: torch.Tensor       # (num_states,) int64, -1 = a choice
 
     @property
     def after_forced(self) -> int:
@@ -155,11 +159,14 @@ class ActionGrammar:
 
     def to(self, device) -> ActionGrammar:
         return ActionGrammar(self.forced_ids, self.next_state.to(device), self.tokens_to_finish.to(device),
-                             self.finished_state, self.forced)
+                             self.finished_state, self.forced_token.to(device), self.forced_next.to(device))
 
-    def mask(self, scores: torch.Tensor, states: torch.Tensor, tokens_left: int) -> torch.Tensor:
+    def mask(self, scores: torch.Tensor, states: torch.Tensor, tokens_left) -> torch.Tensor:
         """`scores` (B, vocab) with every token not allowed in `states` (B,) set to -inf.
-        `tokens_left`: how many tokens may still be generated, this one included."""
+        `tokens_left` (an int, or a (B,) tensor: one per row): how many tokens may still be
+        generated, this one included."""
+        if isinstance(tokens_left, torch.Tensor):
+            tokens_left = tokens_left[:, None]
         next_states = self.next_state[states]                              # (B, vocab)
         steps_after = self.tokens_to_finish[next_states.clamp(min=0)]
         allowed = (next_states >= 0) & (steps_after <= tokens_left - 1)
@@ -167,16 +174,6 @@ class ActionGrammar:
 
     def advance(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.next_state[states, tokens]
-
-    def forced_run(self, state: int, limit: int) -> tuple[list[int], int]:
-        """The tokens that must follow `state` (every state on the way allows one token only), at
-        most `limit` of them, and the state after them. Greedy decoding under `mask` writes exactly
-        these: a forced token is on a shortest way to the end, so the budget rule never drops it."""
-        run = []
-        while len(run) < limit and self.forced[state] is not None:
-            token, state = self.forced[state]
-            run.append(token)
-        return run, state
 
 
 def build_action_grammar(tokenizer, vocab_size: int, *, template=codec.TRAINING,
@@ -372,9 +369,12 @@ def build_action_grammar(tokenizer, vocab_size: int, *, template=codec.TRAINING,
     outgoing = [[] for _ in range(num_states)]
     for (state, token_id), target in edges.items():
         outgoing[state].append((token_id, target))
-    forced = [choices[0] if len(choices) == 1 and state != finished else None
-              for state, choices in enumerate(outgoing)]
-    return ActionGrammar(forced_ids, next_state, torch.tensor(to_finish), finished, forced)
+    forced_token = torch.full((num_states,), -1, dtype=torch.long)
+    forced_next = torch.full((num_states,), -1, dtype=torch.long)
+    for state, choices in enumerate(outgoing):
+        if len(choices) == 1 and state != finished:
+            forced_token[state], forced_next[state] = choices[0]
+    return ActionGrammar(forced_ids, next_state, torch.tensor(to_finish), finished, forced_token, forced_next)
 
 
 def action_grammar_for(loaded, template=codec.TRAINING, *, visual_trace: bool = False) -> ActionGrammar:
@@ -422,6 +422,8 @@ def fast_path_problem(model) -> str | None:
     language_model = getattr(getattr(model, "model", None), "language_model", None)
     if language_model is None or not hasattr(model, "lm_head"):
         return f"{type(model).__name__} has no model.language_model and lm_head (expected a LLaVA model)"
+    if not hasattr(model, "get_image_features"):
+        return f"{type(model).__name__} has no get_image_features (expected a LLaVA model)"
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
     if not all(hasattr(language_model, name) for name in needed):
         return f"the language model {type(language_model).__name__} is not Llama-shaped (needs {needed})"
@@ -449,15 +451,16 @@ def _has_submodule(module, path: str) -> bool:
         return False
 
 
-COMPILE_ENV = "LLARVA_FAST_COMPILE"   # "0": never torch.compile the decode step
+PREFILL_LENGTH_MULTIPLE = 64         # prompts are padded to a multiple of this many tokens
+COMPILE_ENV = "LLARVA_FAST_COMPILE"   # "0": never torch.compile the decode step or the prefill
 
 
 def fast_generator_for(loaded) -> FastGenerator:
     """The `FastGenerator` of a loaded model: one, kept with it, as it holds the static caches and
     graphs (for 7B, 0.5 MB per cache slot and row: about 8 GB at batch 16 and 1,024 slots).
-    `fast_generator_for(loaded).release()` frees them. On CUDA the decode step is compiled (H100,
-    7B: 6.5 instead of 8.4 ms a token; about 40 s once per batch size, and once more for the
-    multi-token step of constrained batch-1 calls); LLARVA_FAST_COMPILE=0 opts out."""
+    `fast_generator_for(loaded).release()` frees them. On CUDA the decode steps and the prefill are
+    compiled (H100, 7B: 6.5 instead of 8.4 ms a token; for 7B about 40 s once per batch size and
+    step width, and once per padded prompt length for the prefill); LLARVA_FAST_COMPILE=0 opts out."""
     generator = loaded.__dict__.get("_fast_generator")
     if generator is None:
         compile_step = loaded.device.type == "cuda" and os.environ.get(COMPILE_ENV, "1") != "0"
@@ -475,32 +478,33 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 class _DecodeStep:
-    """Everything one decode step for batch size B reads and writes, at fixed addresses (what a
-    CUDA graph replays), its own static K/V cache included: one whole tensor per layer, which a
-    compiled step updates in place."""
+    """Everything one decode step of `width` tokens per row for batch size B reads and writes, at
+    fixed addresses (what a CUDA graph replays), its own static K/V cache included: one whole
+    tensor per layer, which a compiled step updates in place."""
 
-    def __init__(self, batch: int, capacity: int, vocab_size: int, cache_shape: tuple, dtype, device):
+    def __init__(self, batch: int, width: int, capacity: int, vocab_size: int, cache_shape: tuple, dtype, device):
         num_layers, kv_heads, head_dim = cache_shape
         self.keys = [torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
                      for _ in range(num_layers)]
         self.values = [torch.zeros_like(keys) for keys in self.keys]
-        self.token_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)      # the token to feed
-        self.slot = torch.zeros((), dtype=torch.long, device=device)               # its cache slot
-        self.pad_count = torch.zeros(batch, dtype=torch.long, device=device)       # left padding per row
-        self.valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # False on padding slots
+        self.token_ids = torch.zeros(batch, width, dtype=torch.long, device=device)  # the tokens to feed
+        self.slot = torch.zeros((), dtype=torch.long, device=device)               # the first one's cache slot
+        self.skipped = torch.zeros(batch, dtype=torch.long, device=device)         # masked slots before it, per row
+        self.valid = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # False on masked slots
         self.logits = torch.zeros(batch, vocab_size, dtype=torch.float32, device=device)
-        self.last = torch.zeros(1, dtype=torch.long, device=device)   # wider steps: the chunk's last real token
+        self.last = torch.zeros(batch, dtype=torch.long, device=device)   # each row's last real token in the chunk
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.ready = False           # captured, or compiled, for this shape
 
     def widened(self, width: int) -> _DecodeStep:
         """A step that feeds `width` tokens per row into this step's cache (the same K/V, slot and
-        padding tensors), with its own inputs, logits and graph."""
+        mask tensors), with its own inputs, logits and graph."""
         wide = copy.copy(self)
-        batch = self.token_ids.shape[0]
-        wide.token_ids = torch.zeros(batch, width, dtype=torch.long, device=self.token_ids.device)
+        wide.token_ids = torch.zeros(self.token_ids.shape[0], width, dtype=torch.long, device=self.token_ids.device)
         wide.logits = torch.zeros_like(self.logits)
         wide.last = torch.zeros_like(self.last)
         wide.graph = None
+        wide.ready = False
         return wide
 
 
@@ -509,30 +513,35 @@ class FastGenerator:
 
     Cache layout: slot j of row b holds the j-th token of the left-padded input (prompt, then
     generated tokens), so every row writes its next token to the same slot and one graph serves a
-    batch; padding slots are masked, and each row's rotary position is its slot minus its padding.
-    Each batch size gets its own K/V tensors and graph, kept for later calls; all of them are
-    rebuilt, longer, only when an input no longer fits (lengths are rounded up to 128 slots).
+    batch; masked slots (the padding) are never attended to, and each row's rotary position is its
+    slot minus its masked slots before it. Each batch size gets its own K/V tensors and graph, kept
+    for later calls; all of them are rebuilt, longer, only when an input no longer fits (lengths
+    are rounded up to 128 slots).
 
-    `use_cuda_graphs=None`: on CUDA devices. `compile=True` also runs the decode step through
-    `torch.compile` (fused kernels) before capture; each new batch size or cache length then
-    compiles again (about a minute for 7B). If capture or compilation fails, the generator goes on
-    eagerly and says why in `fallback_reason` (and a warning).
+    `use_cuda_graphs=None`: on CUDA devices. `compile=True` also runs the decode steps through
+    `torch.compile` (fused kernels) before capture, and the prefill's language model; each new
+    batch size, step width, cache length or padded prompt length then compiles again (about a
+    minute for 7B). If capture or compilation fails, the generator goes on eagerly and says why in
+    `fallback_reason` (and a warning).
 
-    Multi-token decoding (constrained, batch 1): where the grammar forces the tokens after the
-    chosen one, they go into the same decode forward, through a second step of
-    `multi_token_width` tokens (its own graph; at most that many tokens a forward, a longer run
-    takes several). Greedy tokens are those of one token a forward; `last_decode_steps` counts
-    the sequential decode forwards of the last call. Only at batch 1: there the run is known on
-    the host after the step's one sync, and a wider step costs what a one-token step costs (both
-    read the weights once); at batch 16 a wider step is compute-bound and slows every token (H100:
-    21 instead of 9 ms a step with three tokens a row), so batches keep the one-token step.
+    Multi-token decoding (constrained): where the grammar forces the tokens after the chosen one
+    (the "," after a fourth decimal, "]" and EOS), they go into the same decode forward,
+    through a second step of `multi_token_width` tokens per row over the same cache (its own
+    graph). Rows force different runs: a row's chunk is padded on the right, and those slots are
+    masked, as the left padding is, so every row attends to exactly the tokens it would one token
+    a forward. Greedy tokens are the one-token step's; `last_decode_steps` counts the sequential
+    decode forwards of the last call. A wider step reads the weights once, as a one-token step
+    does, but the cache grows by `multi_token_width` slots a step, all of which every step reads.
+    Measured (H200, 7B, 64-token answers, benchmarks/results/policy_latency_fast_7b_h200.json):
+    at batch 1 it saves 8 of 59 forwards and is 3% faster; at batch 16 a wide step costs 8.8
+    instead of 7.0 ms and the call is 4% slower. So `generate` uses it at batch 1 unless told.
 
     A captured graph reads the weights where they were at capture: in-place updates are seen, but
     after replacing parameter tensors (loading or merging other weights) call `release()`.
     """
 
     def __init__(self, loaded, *, use_cuda_graphs: bool | None = None, compile: bool = False,
-                 multi_token_width: int = 4):
+                 multi_token_width: int = 3):
         problem = fast_path_problem(loaded.model)
         if problem is not None:
             raise ValueError(f"FastGenerator cannot run this model: {problem}")
@@ -548,18 +557,17 @@ class FastGenerator:
         if self.use_cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"use_cuda_graphs=True needs a CUDA model, this one is on {self.device}")
         self.fallback_reason: str | None = None
-        self._forward = self._decode_forward
+        self._forward, self._prefill_forward = self._decode_forward, self._prefill_eager
         if compile:
             self._forward = torch.compile(self._decode_forward, dynamic=False)
+            self._prefill_forward = torch.compile(self._prefill_eager, dynamic=False)
         self.compiled = compile
         self._capacity = 0                     # cache slots of every step: prompt + new tokens fit
         self._cos = self._sin = None           # (capacity, head_dim) rotary tables, by position
         self._slot_ids = None
-        self._steps: dict[int, _DecodeStep] = {}
-        self._wide_step: _DecodeStep | None = None      # batch 1, `multi_token_width` tokens, over _steps[1]'s cache
+        self._steps: dict[int, _DecodeStep] = {}        # one-token steps, by batch size
+        self._wide_steps: dict[int, _DecodeStep] = {}   # `multi_token_width` tokens, over _steps[batch]'s cache
         self.last_decode_steps = 0             # sequential decode forwards (after the prefill) of the last call
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
-            else "past_key_values"      # transformers renamed it in 5.x
 
     @property
     def mode(self) -> str:
@@ -573,7 +581,7 @@ class FastGenerator:
     def release(self) -> None:
         """Free the static caches and the graphs (they are rebuilt on the next `generate`)."""
         self._steps.clear()
-        self._wide_step = None
+        self._wide_steps.clear()
         self._capacity = 0
         self._cos = self._sin = self._slot_ids = None
 
@@ -588,9 +596,9 @@ class FastGenerator:
         `constrained`, `template`, `visual_trace`: as `generate_text`'s.
         `logits_processor` (transformers' processors) runs eagerly on each step's logits.
         `multi_token`: feed each token's forced run in its decode forward (see the class; same
-        tokens, fewer forwards). None: wherever it can run, i.e. constrained, batch 1, no
-        `logits_processor` (it would not see the forced tokens' scores) and no `ignore_eos`;
-        False: one token a forward."""
+        tokens, fewer forwards): it needs `constrained`, no `logits_processor` (it would not see the
+        forced tokens' scores) and no `ignore_eos`. None: at batch 1 only, where it is faster (see
+        the class); False: one token a forward."""
         input_ids = inputs["input_ids"].to(self.device)
         attention_mask = inputs.get("attention_mask")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
@@ -604,15 +612,15 @@ class FastGenerator:
         eos_id = tokenizer.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
         batch = input_ids.shape[0]
-        can_multi_token = constrained and batch == 1 and logits_processor is None and not ignore_eos
+        can_multi_token = constrained and logits_processor is None and not ignore_eos
         if multi_token is None:
-            multi_token = can_multi_token
+            multi_token = can_multi_token and batch == 1
         elif not isinstance(multi_token, bool):
             raise ValueError(f"multi_token: expected True, False or None, got {multi_token!r}")
         elif multi_token and not can_multi_token:
-            raise ValueError(f"multi_token=True: needs constrained=True, a batch of 1, no logits_processor and "
-                             f"ignore_eos=False; got constrained={constrained}, a batch of {batch}, "
-                             f"logits_processor={logits_processor!r}, ignore_eos={ignore_eos}")
+            raise ValueError(f"multi_token=True: needs constrained=True, no logits_processor and ignore_eos=False; "
+                             f"got constrained={constrained}, logits_processor={logits_processor!r}, "
+                             f"ignore_eos={ignore_eos}")
 
         forced = torch.empty(batch, 0, dtype=torch.long, device=self.device)
         grammar = states = None
@@ -624,103 +632,107 @@ class FastGenerator:
             input_ids = torch.cat([input_ids, forced], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(forced)], dim=1)
             states = torch.full((batch,), grammar.after_forced, dtype=torch.long, device=self.device)
+        # A compiled prefill is specialised to the prompt's length: padding it to a multiple of 64
+        # (on the left, masked like the rest of the padding) means few lengths ever compile.
+        extra_padding = _round_up(input_ids.shape[1], PREFILL_LENGTH_MULTIPLE) - input_ids.shape[1]
+        input_ids = F.pad(input_ids, (extra_padding, 0), value=pad_id)
+        attention_mask = F.pad(attention_mask, (extra_padding, 0), value=0)
         prompt_length = input_ids.shape[1]
         to_generate = max_new_tokens - forced.shape[1]
+        width = self.multi_token_width if multi_token else 1
 
-        # A wide step writes (junk) K/V up to `multi_token_width - 1` slots past its last real token.
-        step = self._prepare(batch, prompt_length + to_generate + (self.multi_token_width if multi_token else 0),
-                             wide=multi_token)
-        logits, cache = self._prefill(input_ids, attention_mask, extra)
-        for layer in range(len(self.language_model.layers)):
-            keys, values = _cache_layer(cache, layer)
-            step.keys[layer][:, :, :prompt_length].copy_(keys)
-            step.values[layer][:, :, :prompt_length].copy_(values)
-        del cache
+        # Every step takes `width` slots and each unfinished row at least one new token: room for all.
+        step = self._prepare(batch, prompt_length + width * to_generate, width)
         step.valid[:, :prompt_length].copy_(attention_mask.bool())
-        step.valid[:, prompt_length:] = True
-        step.pad_count.copy_((attention_mask == 0).sum(dim=1))
+        step.valid[:, prompt_length:] = False
+        step.skipped.copy_((attention_mask == 0).sum(dim=1))
+        logits = self._prefill(step, self._prompt_embeddings(input_ids, extra))
         step.slot.fill_(prompt_length)
         self.last_decode_steps = 0
-        if multi_token:
-            return torch.cat([forced, self._decode_multi_token(step, logits, grammar, states, to_generate)], dim=1)
 
-        tokens = torch.full((batch, to_generate), pad_id, dtype=torch.long, device=self.device)
+        # Row b's answer so far is tokens[b, :written[b]]; the buffer has room for a chunk past the end.
+        tokens = torch.full((batch, to_generate + width), pad_id, dtype=torch.long, device=self.device)
+        written = torch.zeros(batch, dtype=torch.long, device=self.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        for t in range(to_generate):
+        offsets = torch.arange(width, device=self.device)
+        chunk = torch.full((batch, width), pad_id, dtype=torch.long, device=self.device)
+        while True:
             scores = logits
             if logits_processor is not None:
-                scores = logits_processor(torch.cat([input_ids, tokens[:, :t]], dim=1), scores)
+                scores = logits_processor(torch.cat([input_ids, tokens[:, :int(written.max())]], dim=1), scores)
             if ignore_eos:
                 scores = scores.clone()
                 scores[:, eos_id] = float("-inf")
             if grammar is not None:
-                scores = grammar.mask(scores, states, to_generate - t)
-            next_tokens = torch.where(finished, pad_id, scores.argmax(dim=-1))
-            tokens[:, t] = next_tokens
+                scores = grammar.mask(scores, states, to_generate - written)
+            chunk[:, 0] = torch.where(finished, pad_id, scores.argmax(dim=-1))
+            counts = (~finished).long()                 # real tokens in each row's chunk
             if grammar is not None:
-                states = grammar.advance(states, next_tokens)
+                states = torch.where(finished, states, grammar.advance(states, chunk[:, 0]))
+                for i in range(1, width):               # then the tokens the grammar allows alone, in budget
+                    follows = grammar.forced_token[states]
+                    takes = (counts == i) & (follows >= 0) & (written + i < to_generate)
+                    chunk[:, i] = torch.where(takes, follows, pad_id)
+                    states = torch.where(takes, grammar.forced_next[states], states)
+                    counts += takes
+            tokens.scatter_(1, written[:, None] + offsets, chunk)
+            written += counts
             if not ignore_eos:
-                finished |= next_tokens == eos_id
-            if t == to_generate - 1 or (not ignore_eos and bool(finished.all())):   # the one sync per step
-                tokens = tokens[:, :t + 1]
+                finished |= ((chunk == eos_id) & (offsets < counts[:, None])).any(dim=1)
+            finished |= written >= to_generate
+            if bool(finished.all()):                    # the one sync per step
                 break
-            step.token_ids.copy_(next_tokens[:, None])
+            step.token_ids.copy_(chunk)
+            step.last.copy_((counts - 1).clamp(min=0))
+            real = offsets < counts[:, None]            # a row's padding in the chunk: slots no one attends to
+            step.valid.index_copy_(1, step.slot + offsets, real)
             self._run(step)
             self.last_decode_steps += 1
-            step.slot.add_(1)
+            step.skipped.add_(width - counts)
+            step.slot.add_(width)
             logits = step.logits
-        return torch.cat([forced, tokens], dim=1)
+        return torch.cat([forced, tokens[:, :int(written.max())]], dim=1)
 
-    def _decode_multi_token(self, step: _DecodeStep, logits, grammar: ActionGrammar, states,
-                            to_generate: int) -> torch.Tensor:
-        """`generate`'s loop for one row under a grammar, each chosen token and the forced run
-        after it fed in one forward (the wide step; a lone token goes through the one-token
-        step): the new tokens, (1, n)."""
-        wide, width = self._wide_step, self.multi_token_width
-        eos_id = self.loaded.tokenizer.eos_token_id
-        new_tokens = []
-        while True:
-            scores = grammar.mask(logits, states, to_generate - len(new_tokens))
-            next_token = scores.argmax(dim=-1)
-            states = grammar.advance(states, next_token)
-            token, state = torch.stack([next_token[0], states[0]]).tolist()   # the one sync per step
-            run, state = grammar.forced_run(state, to_generate - len(new_tokens) - 1)
-            chunk = [token, *run]
-            new_tokens += chunk
-            if len(new_tokens) == to_generate or eos_id in chunk:   # EOS can only end a chunk
-                break
-            states.fill_(state)
-            for start in range(0, len(chunk), width):   # a run longer than the wide step: several forwards
-                part = chunk[start:start + width]
-                if len(part) == 1:
-                    step.token_ids.fill_(part[0])
-                    self._run(step)
-                    logits = step.logits
-                else:
-                    # Padded with copies of the last token: their K/V land past the real ones, where
-                    # the next forward writes before any mask lets them be read.
-                    wide.token_ids.copy_(torch.tensor([part + part[-1:] * (width - len(part))]))
-                    wide.last.fill_(len(part) - 1)
-                    self._run(wide)
-                    logits = wide.logits
-                step.slot.add_(len(part))
-                self.last_decode_steps += 1
-        return torch.tensor([new_tokens], dtype=torch.long, device=self.device)
+    def _prompt_embeddings(self, input_ids, extra) -> torch.Tensor:
+        """The language model's input for the prompt: its token embeddings, with the image features
+        (vision tower and projector, the model's own code) in place of the image tokens."""
+        embeddings = self.language_model.embed_tokens(input_ids)
+        pixel_values = extra.pop("pixel_values", None)
+        if pixel_values is None:
+            return embeddings
+        features = self.model.get_image_features(pixel_values=pixel_values, **extra)
+        features = getattr(features, "pooler_output", features)      # transformers 5.x: an output object
+        if isinstance(features, (list, tuple)):
+            features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+        features = features.reshape(-1, embeddings.shape[-1])
+        is_image = input_ids == self.model.config.image_token_id
+        if int(is_image.sum()) != features.shape[0]:
+            raise ValueError(f"input_ids: {int(is_image.sum())} image tokens for {features.shape[0]} image features; "
+                             "build the inputs with the model's processor")
+        return embeddings.masked_scatter(is_image[..., None], features.to(embeddings.dtype))
 
-    def _prefill(self, input_ids, attention_mask, extra):
-        """The model's own forward over the whole prompt: (last logits (B, vocab) float32, KV cache)."""
-        # Positions as `generate` makes them: padding does not count.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        cache = DynamicCache(config=self.model.config)
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}, **extra)
-        return output.logits[:, -1].float(), cache
+    def _prefill(self, step: _DecodeStep, embeddings: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._prefill_forward(step, embeddings)
+        except Exception as err:
+            if not self.compiled:
+                raise
+            self._give_up_compile(err)
+            return self._prefill_forward(step, embeddings)
+
+    def _prefill_eager(self, step: _DecodeStep, embeddings: torch.Tensor) -> torch.Tensor:
+        """The prompt (B, L, hidden) through the language model, its K/V into cache slots 0 .. L-1
+        (`step.valid` and `step.skipped` already describe its padding): the logits after it, (B, vocab)
+        float32."""
+        slots = self._slot_ids[:embeddings.shape[1]]
+        hidden = self._layers(step, embeddings, slots, span=embeddings.shape[1])
+        return self.lm_head(self.language_model.norm(hidden[:, -1])).float()
 
     # --- static cache and the decode step --------------------------------------------------------
 
-    def _prepare(self, batch: int, length: int, wide: bool = False) -> _DecodeStep:
-        """The decode step for `batch` rows, its cache at least `length` slots long; `wide` (batch 1):
-        also the step of `multi_token_width` tokens over the same cache."""
+    def _prepare(self, batch: int, length: int, width: int = 1) -> _DecodeStep:
+        """The decode step of `width` tokens (1 or `multi_token_width`) for `batch` rows, the cache
+        at least `length` slots long, captured (or compiled) before its first use."""
         if length > self._capacity:
             self._set_capacity(_round_up(length, 128))
         step = self._steps.get(batch)
@@ -728,13 +740,16 @@ class FastGenerator:
             attention = self.language_model.layers[0].self_attn
             cache_shape = (len(self.language_model.layers), attention.k_proj.out_features // attention.head_dim,
                            attention.head_dim)
-            step = self._steps[batch] = _DecodeStep(batch, self._capacity, self.lm_head.weight.shape[0], cache_shape,
-                                                    self.dtype, self.device)
+            step = self._steps[batch] = _DecodeStep(batch, 1, self._capacity, self.lm_head.weight.shape[0],
+                                                    cache_shape, self.dtype, self.device)
+        if width > 1:
+            if batch not in self._wide_steps:
+                self._wide_steps[batch] = step.widened(width)
+            step = self._wide_steps[batch]
+        if not step.ready:
+            step.slot.zero_()        # the warm-up writes `width` slots from here: inside the cache
             self._make_ready(step)
-        if wide and self._wide_step is None:
-            self._wide_step = step.widened(self.multi_token_width)
-            step.slot.zero_()        # its warm-up writes `multi_token_width` slots from here: inside the cache
-            self._make_ready(self._wide_step)
+            step.ready = True
         return step
 
     def _make_ready(self, step: _DecodeStep) -> None:
@@ -746,7 +761,7 @@ class FastGenerator:
 
     def _set_capacity(self, capacity: int) -> None:
         self._steps.clear()          # free the old caches (and the graphs that point into them) first
-        self._wide_step = None
+        self._wide_steps.clear()
         self._capacity = capacity
         # cos/sin for every position, from the model's own rotary module (same values as its forward).
         positions = torch.arange(capacity, device=self.device)[None]
@@ -756,19 +771,28 @@ class FastGenerator:
         self._slot_ids = torch.arange(capacity, device=self.device)
 
     def _decode_forward(self, step: _DecodeStep) -> None:
-        """W tokens per row (W = 1 but in the wide step) through the language model, their K/V
-        into the static cache from slot `step.slot` on, the logits after token `step.last` (W > 1)
-        or the one token into `step.logits`. Fixed shapes and no host synchronisation:
-        graph-capturable."""
+        """W tokens per row through the language model, their K/V into the static cache from slot
+        `step.slot` on, the logits after each row's token `step.last` into `step.logits`. Fixed
+        shapes and no host synchronisation: graph-capturable."""
         batch, width = step.token_ids.shape
         slots = step.slot + self._slot_ids[:width]                      # (W,)
-        positions = slots - step.pad_count[:, None]                     # (B, W)
+        hidden = self._layers(step, self.language_model.embed_tokens(step.token_ids), slots, span=self._capacity)
+        if width > 1:
+            hidden = hidden.gather(1, step.last[:, None, None].expand(batch, 1, hidden.shape[-1]))   # (B, 1, hidden)
+        step.logits.copy_(self.lm_head(self.language_model.norm(hidden))[:, 0])
+
+    def _layers(self, step: _DecodeStep, hidden: torch.Tensor, slots: torch.Tensor, span: int) -> torch.Tensor:
+        """`hidden` (B, W, hidden), the tokens of cache slots `slots` (W,), through every decoder
+        layer; their K/V go into the cache, and each attends to the unmasked slots before it among
+        the first `span`."""
+        batch, width = hidden.shape[:2]
+        positions = (slots - step.skipped[:, None]).clamp(min=0)        # (B, W); padding: any position
         cos = self._cos[positions][:, None]                             # (B, 1, W, head_dim)
         sin = self._sin[positions][:, None]
-        # Each token sees the prompt and the tokens up to itself (causal within the chunk).
-        visible = step.valid[:, None, :] & (self._slot_ids <= slots[:, None])   # (B, W, capacity)
-        mask = visible[:, None]
-        hidden = self.language_model.embed_tokens(step.token_ids)      # (B, W, hidden)
+        seen = self._slot_ids[:span]
+        # Causal over unmasked slots; a token always sees itself, so that no padding row is empty
+        # (an all-masked row would make NaN, and its K/V would reach later layers).
+        mask = ((step.valid[:, None, :span] & (seen <= slots[:, None])) | (seen == slots[:, None]))[:, None]
         for index, layer in enumerate(self.language_model.layers):
             attention = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -781,15 +805,14 @@ class FastGenerator:
             keys, values = step.keys[index], step.values[index]
             keys.index_copy_(2, slots, k)
             values.index_copy_(2, slots, v)
+            keys, values = keys[:, :, :span], values[:, :, :span]
             groups = q.shape[1] // keys.shape[1]
             if groups > 1:
                 keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attention.scaling)
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, width, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        if width > 1:
-            hidden = hidden.index_select(1, step.last)                  # (B, 1, hidden)
-        step.logits.copy_(self.lm_head(self.language_model.norm(hidden))[:, 0])
+        return hidden
 
     def _run(self, step: _DecodeStep) -> None:
         if step.graph is not None:
@@ -827,25 +850,17 @@ class FastGenerator:
             except Exception:      # noqa: BLE001 - the capture error is the one worth reporting
                 pass
             self.use_cuda_graphs = False
-            for other in [*self._steps.values(), self._wide_step]:
-                if other is not None:
-                    other.graph = None
+            for other in [*self._steps.values(), *self._wide_steps.values()]:
+                other.graph = None
             self.fallback_reason = f"CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly"
             warnings.warn(self.fallback_reason, RuntimeWarning, stacklevel=3)
 
     def _give_up_compile(self, err: Exception) -> None:
         self.compiled = False
-        self._forward = self._decode_forward
-        self.fallback_reason = f"torch.compile of the decode step failed ({type(err).__name__}: {err}); " \
+        self._forward, self._prefill_forward = self._decode_forward, self._prefill_eager
+        self.fallback_reason = f"torch.compile of the decode step or prefill failed ({type(err).__name__}: {err}); " \
                                "running it uncompiled"
         warnings.warn(self.fallback_reason, RuntimeWarning, stacklevel=3)
-
-
-def _cache_layer(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) of one layer of a transformers cache, (B, kv_heads, length, head_dim)."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]      # transformers before the layers API
 
 
 def _check_left_padded(attention_mask: torch.Tensor) -> None:

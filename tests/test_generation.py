@@ -383,7 +383,7 @@ def test_constrained_trace_needs_room_for_the_shortest_answer(tiny):
     assert grammar.min_new_tokens <= answer_tokens
 
 
-# --- multi-token decoding: forced runs in one forward, batch 1 ---------------------------------------
+# --- multi-token decoding: forced runs in the forward of the token before them -----------------------
 
 def test_grammar_forces_separators_and_leaves_out_byte_fallback_spellings(tiny):
     tokenizer = tiny.tokenizer
@@ -400,23 +400,39 @@ def test_grammar_forces_separators_and_leaves_out_byte_fallback_spellings(tiny):
         state = int(grammar.next_state[state, token_id])
         state_after[tokenizer.decode(ids[:i + 1]).strip()] = state
     after_decimals = state_after[codec.ANSWER_PREFIX + "0.1234"]
-    assert grammar.forced[after_decimals][0] == comma          # after a fourth decimal: "," and nothing else
+    assert grammar.forced_token[after_decimals] == comma          # after a fourth decimal: "," and nothing else
     assert grammar.next_state[after_decimals, tokenizer.convert_tokens_to_ids("<0x2C>")] < 0   # not its byte spelling
+    assert grammar.forced_next[after_decimals] == grammar.next_state[after_decimals, comma]
     # The last number's fourth decimal: "]" then EOS, a forced run that ends the answer.
     before_close = state_after[text[:-1]]
-    assert grammar.forced_run(before_close, 10) == ([close, tokenizer.eos_token_id], grammar.finished_state)
-    assert grammar.forced_run(before_close, 1)[0] == [close]                # within the budget given
-    assert grammar.forced[grammar.finished_state] is None
-    assert grammar.forced_run(grammar.after_forced, 10) == ([], grammar.after_forced)   # a choice: "[" or "[-"
+    assert grammar.forced_token[before_close] == close
+    before_eos = grammar.forced_next[before_close]
+    assert grammar.forced_token[before_eos] == tokenizer.eos_token_id
+    assert grammar.forced_next[before_eos] == grammar.finished_state
+    assert grammar.forced_token[grammar.finished_state] == -1
+    assert grammar.forced_token[grammar.after_forced] == -1     # a choice: "[" or "[-"
 
 
 def answer_states(grammar, new_tokens):
     """The grammar state before each generated token of one row (after the fixed words)."""
     states, state = [], grammar.after_forced
     for token_id in new_tokens[len(grammar.forced_ids):].tolist():
+        if state == grammar.finished_state:      # padding after the row's EOS
+            break
         states.append(state)
         state = int(grammar.next_state[state, token_id])
     return states
+
+
+def chunks_of(grammar, states, width):
+    """How many forwards a row's answer takes `width` tokens at a time: a chunk starts at a token
+    and takes in the forced tokens after it, at most `width` in all."""
+    chunks, size = 0, width
+    for state in states:
+        if size == width or grammar.forced_token[state] < 0:
+            chunks, size = chunks + 1, 0
+        size += 1
+    return chunks
 
 
 @pytest.mark.parametrize("visual_trace", [False, True], ids=["action", "trace"])
@@ -424,49 +440,47 @@ def test_multi_token_gives_the_same_tokens_in_fewer_forwards(tiny, visual_trace)
     grammar = action_grammar_for(tiny, visual_trace=visual_trace)
     generator = FastGenerator(tiny)
     narrow = FastGenerator(tiny, multi_token_width=2)     # runs longer than 1 forced token take two forwards
-    for seed in range(4):
-        question = trace_question(seed) if visual_trace else make_prompts(1, seed=seed)[0]
-        prompt = codec.build_prompt(question) if visual_trace else question
-        inputs = make_inputs(tiny, [prompt], seed=seed)
+    for seed in range(3):
+        count = 1 + seed                                  # batch 1, then batches of left-padded rows
+        questions = [trace_question(seed + i) for i in range(count)] if visual_trace else make_prompts(count, seed=seed)
+        prompts = [codec.build_prompt(q) for q in questions] if visual_trace else questions
+        inputs = make_inputs(tiny, prompts, seed=seed)
         for max_new_tokens in (grammar.min_new_tokens, 100):
             options = dict(max_new_tokens=max_new_tokens, constrained=True, visual_trace=visual_trace)
             one = generator.generate(inputs, multi_token=False, **options)
             one_steps = generator.last_decode_steps
-            multi = generator.generate(inputs, **options)                # auto: on at batch 1
+            multi = generator.generate(inputs, multi_token=True, **options)
             multi_steps = generator.last_decode_steps
+            auto = generator.generate(inputs, **options)                  # auto: at batch 1 only
+            assert torch.equal(auto, one)
+            assert generator.last_decode_steps == (multi_steps if count == 1 else one_steps)
             assert torch.equal(multi, one), (seed, max_new_tokens)
-            assert torch.equal(narrow.generate(inputs, **options), one), (seed, max_new_tokens)
-            # One forward per token but the last; with forced runs, one per chosen token but the last.
-            states = answer_states(grammar, one[0])
-            chosen = sum(grammar.forced[state] is None for state in states)
-            assert one_steps == len(states) - 1
-            assert multi_steps == chosen - 1 < one_steps, (seed, max_new_tokens)
-            assert narrow.last_decode_steps >= multi_steps
-        text = tiny.tokenizer.decode(multi[0], skip_special_tokens=True)
-        assert codec.parse_answer(text, expect_trace=visual_trace)
+            assert torch.equal(narrow.generate(inputs, multi_token=True, **options), one), (seed, max_new_tokens)
+            # One forward per token but the last; with forced runs, one per chunk but the last (the
+            # batch waits for its slowest row).
+            rows = [answer_states(grammar, row) for row in one]
+            assert one_steps == max(map(len, rows)) - 1
+            assert multi_steps == max(chunks_of(grammar, states, 3) for states in rows) - 1 < one_steps
+            assert narrow.last_decode_steps == max(chunks_of(grammar, states, 2) for states in rows) - 1
+        texts = tiny.tokenizer.batch_decode(multi, skip_special_tokens=True)
+        assert all(codec.parse_answer(text, expect_trace=visual_trace) for text in texts)
         hf = generate_text(tiny, inputs, max_new_tokens=100, method="hf", constrained=True, visual_trace=visual_trace)
-        assert [text] == hf
-    if visual_trace:   # a 4-digit coordinate, then "," and " " forced: the narrow step split that run
+        assert texts == hf
+    if visual_trace:   # a forced run longer than one token: the narrow step split it
         assert narrow.last_decode_steps > multi_steps
 
 
-def test_multi_token_leaves_batches_and_unconstrained_decoding_alone(tiny):
+def test_multi_token_leaves_unconstrained_decoding_alone(tiny):
     generator = FastGenerator(tiny)
     inputs = make_inputs(tiny, make_prompts(3, seed=6), seed=6)
-    one = generator.generate(inputs, max_new_tokens=64, constrained=True, multi_token=False)
-    one_steps = generator.last_decode_steps
-    assert torch.equal(generator.generate(inputs, max_new_tokens=64, constrained=True), one)   # auto: off
-    assert generator.last_decode_steps == one_steps and generator._wide_step is None
-    single = make_inputs(tiny, make_prompts(1, seed=6), seed=6)
-    plain = generator.generate(single, max_new_tokens=20)                                      # unconstrained
-    assert generator.last_decode_steps == plain.shape[1] - 1 and generator._wide_step is None
-    for bad in (dict(inputs=inputs, constrained=True), dict(inputs=single, constrained=False),
-                dict(inputs=single, constrained=True, ignore_eos=True),
-                dict(inputs=single, constrained=True, logits_processor=RandomScores(0))):
-        with pytest.raises(ValueError, match="multi_token=True: needs constrained=True, a batch of 1"):
-            generator.generate(max_new_tokens=64, multi_token=True, **bad)
+    plain = generator.generate(inputs, max_new_tokens=20)                                      # unconstrained
+    assert generator.last_decode_steps == plain.shape[1] - 1 and not generator._wide_steps
+    for bad in (dict(constrained=False), dict(constrained=True, ignore_eos=True),
+                dict(constrained=True, logits_processor=RandomScores(0))):
+        with pytest.raises(ValueError, match="multi_token=True: needs constrained=True"):
+            generator.generate(inputs, max_new_tokens=64, multi_token=True, **bad)
     with pytest.raises(ValueError, match="multi_token: expected True, False or None"):
-        generator.generate(single, max_new_tokens=64, constrained=True, multi_token="yes")
+        generator.generate(inputs, max_new_tokens=64, constrained=True, multi_token="yes")
     with pytest.raises(ValueError, match="multi_token_width: expected an int >= 2"):
         FastGenerator(tiny, multi_token_width=1)
 
@@ -489,13 +503,14 @@ def test_cuda_graph_decoding_matches_eager_and_generate(tmp_path):
         texts = generate_text(loaded, inputs, max_new_tokens=64, constrained=True)   # auto: fast on CUDA
         assert all(codec.parse_answer(text) for text in texts)
     assert resolve_method("auto", loaded) == "fast"
-    # Batch 1, constrained: the captured wide step gives the one-token step's tokens in fewer forwards.
+    # Constrained: the captured wide step gives the one-token step's tokens in fewer forwards.
     for visual_trace in (False, True):
-        inputs = make_inputs(loaded, [codec.build_prompt(trace_question(1))] if visual_trace else make_prompts(1))
+        inputs = make_inputs(loaded, [codec.build_prompt(trace_question(i)) for i in range(3)] if visual_trace
+                             else make_prompts(3))
         options = dict(max_new_tokens=100, constrained=True, visual_trace=visual_trace)
         one = graphed.generate(inputs, multi_token=False, **options)
         one_steps = graphed.last_decode_steps
         assert torch.equal(graphed.generate(inputs, multi_token=True, **options), one)
-        assert graphed._wide_step.graph is not None, graphed.fallback_reason
+        assert graphed._wide_steps[3].graph is not None, graphed.fallback_reason
         assert graphed.last_decode_steps < one_steps
         assert torch.equal(eager.generate(inputs, multi_token=True, **options), one)
