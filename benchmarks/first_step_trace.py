@@ -61,6 +61,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpoint", required=True, help="a LlarvaPolicy checkpoint trained with a visual trace")
     parser.add_argument("--scenes", type=int, default=12)
     parser.add_argument("--seed", type=int, default=77, help="demo seed of the held-out scenes (train-small's is 0)")
+    parser.add_argument("--variation", type=int, default=None,
+                        help="scenes of this one variation (for a model trained with train-small --variation)")
     parser.add_argument("--trace-points", type=int, default=10, help="used when the checkpoint does not record it")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
@@ -72,9 +74,9 @@ def main(argv=None) -> dict:
     policy = LlarvaPolicy.from_pretrained(checkpoint, device=args.device, with_visual_trace=True, constrained=True)
     out = Path(args.out) if args.out else RESULTS_DIR / f"first_step_trace_{args.task}.json"
     report = {"benchmark": "first_step_trace", "task": args.task, "checkpoint": str(checkpoint),
-              "seed": args.seed, "trace_points": points, "rows": []}
+              "seed": args.seed, "variation": args.variation, "trace_points": points, "rows": []}
     with tempfile.TemporaryDirectory() as data:
-        record_demos(args.task, args.scenes, data, seed=args.seed, progress=False)
+        record_demos(args.task, args.scenes, data, seed=args.seed, variation=args.variation, progress=False)
         print(f"{'scene':>5}  {'instruction':<44} {'true end':>10} {'predicted':>10} {'error px':>9}")
         for scene, episode in enumerate(episode_dirs(data, args.task)):
             demo = load_demo(episode)
@@ -86,7 +88,8 @@ def main(argv=None) -> dict:
             policy.predict(observation, episode_start=np.array([True]))
             predicted = np.asarray(policy.last_info[0]["trace"])
             error = float(np.linalg.norm(true[-1] - predicted[-1]))
-            report["rows"].append({"scene": scene, "instruction": instruction, "true_trace": true.tolist(),
+            report["rows"].append({"scene": scene, "variation": int(demo.variation_number),
+                                   "instruction": instruction, "true_trace": true.tolist(),
                                    "predicted_trace": predicted.tolist(), "true_end": true[-1].tolist(),
                                    "predicted_end": predicted[-1].tolist(), "error_px": round(error, 1)})
             print(f"{scene:>5}  {instruction:<44} {str(true[-1].tolist()):>10} {str(predicted[-1].tolist()):>10} "

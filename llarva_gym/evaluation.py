@@ -43,7 +43,7 @@ VIDEO_FPS = 20            # one frame per control step of 0.05 s
 # seeds from (seed, attempt): evaluating with seed 0 must not replay the demos recorded with seed 0.
 _EVAL_STREAM = 0xE7A1
 # What a results file must agree on with the run that resumes it.
-_RUN_FIELDS = ("task", "policy", "seed", "episode_length", "demos", "render_quality")
+_RUN_FIELDS = ("task", "policy", "seed", "episode_length", "demos", "render_quality", "variation")
 # What a field was before results files recorded it: runs before render_quality existed rendered "fast".
 _RUN_DEFAULTS = {"render_quality": "fast"}
 
@@ -67,8 +67,11 @@ class _Episode:
 
 def evaluate(policy, task: str, *, episodes: int = 10, episode_length: int | None = None, num_envs: int = 1,
              demos=None, video_dir=None, results_path=None, seed: int = 0, progress: bool = True,
-             render_quality: str = "fast") -> dict:
+             render_quality: str = "fast", variation: int | None = None) -> dict:
     """Run `episodes` episodes of `task` with `policy` over `num_envs` parallel envs; returns the results.
+
+    `variation`: every episode of that one variation (the env's `variation`); default: each
+    episode's drawn from its seed.
 
     `render_quality` is the env's ("fast", or "high": shadows and multisampling): a policy trained on
     demos recorded with "high" sees the same rendering.
@@ -94,10 +97,14 @@ def evaluate(policy, task: str, *, episodes: int = 10, episode_length: int | Non
     # Checked here, not only by the env: a resumed run with nothing left to do makes no env.
     if not isinstance(render_quality, str) or render_quality not in ("fast", "high"):
         raise ValueError(f"render_quality: expected 'fast' or 'high', got {render_quality!r}")
+    if variation is not None and demos is not None:
+        raise ValueError("variation: the stored demos fix each episode's variation; pass variation=None with demos")
     demo_dirs = _demo_dirs(demos, task, episodes)
 
     run = {"task": task, "policy": _policy_name(policy), "seed": int(seed), "episode_length": int(episode_length),
            "demos": str(Path(demos).resolve()) if demos is not None else None, "render_quality": render_quality}
+    if variation is not None:     # recorded only when fixed: results files written before it still resume
+        run["variation"] = int(variation)
     results = _load_results(results_path, run)
     done = {record["index"] for record in results["episodes"]}
     todo = deque(i for i in range(episodes) if i not in done)
@@ -117,7 +124,7 @@ def evaluate(policy, task: str, *, episodes: int = 10, episode_length: int | Non
     num_envs = min(num_envs, len(todo))
     envs = make_vec(f"llarva/{task}", num_envs, autoreset_mode=gym.vector.AutoresetMode.DISABLED,
                     max_episode_steps=episode_length, render_mode="rgb_array" if video_dir else None,
-                    render_quality=render_quality)
+                    render_quality=render_quality, **({"variation": variation} if variation is not None else {}))
     try:
         if isinstance(policy, str):    # "expert"
             policy = ScriptedExpert(envs)
@@ -238,7 +245,7 @@ def _load_results(results_path, run: dict) -> dict:
         raise ValueError(f"results_path: {path} is not a results file of evaluate() ({error}); "
                          "move it away or pass another path") from None
     results = {**_RUN_DEFAULTS, **results}
-    different = {key: (results.get(key), run[key]) for key in _RUN_FIELDS if results.get(key) != run[key]}
+    different = {key: (results.get(key), run.get(key)) for key in _RUN_FIELDS if results.get(key) != run.get(key)}
     if different:
         listing = ", ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in different.items())
         raise ValueError(f"results_path: {path} holds the results of another run ({listing}); "

@@ -93,6 +93,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="constrain decoding to the answer format, so every answer parses")
         p.add_argument("--render-quality", default="fast", choices=("fast", "high"),
                        help="the env's rendering; use the one the policy's training demos were recorded with")
+        p.add_argument("--variation", type=int, default=None,
+                       help="every episode of this one variation (default: drawn per episode)")
     elif command == "train-small":
         p.add_argument("--task", required=True, help="RLBench task name or alias")
         p.add_argument("--out", required=True, help="run folder: demos, annotations, model/, eval/, summary.json")
@@ -101,6 +103,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="model size (toy: tests only)")
         p.add_argument("--demo-seed", type=int, default=0, help="seed of the demos (llarva demos --seed)")
         p.add_argument("--seed", type=int, default=0, help="annotation order, initialisation and data order")
+        p.add_argument("--variation", type=int, default=None,
+                       help="demos and evaluation episodes of this one variation only (a diagnostic)")
         p.add_argument("--processes", type=int, default=1, help="processes recording demos")
         p.add_argument("--train-seconds", type=_seconds_or_fit, default=300.0,
                        help="wall-clock budget of the training (over all the runs that continue it), or "
@@ -185,7 +189,8 @@ def _run(command: str, args: argparse.Namespace) -> None:
                                                   constrained=args.constrained)
         results = evaluate(policy, args.task, episodes=args.episodes, episode_length=args.episode_length,
                            num_envs=args.num_envs, demos=args.demos, video_dir=args.video,
-                           results_path=args.results, seed=args.seed, render_quality=args.render_quality)
+                           results_path=args.results, seed=args.seed, render_quality=args.render_quality,
+                           variation=args.variation)
         print_summary(results)
 
 

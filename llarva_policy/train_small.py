@@ -603,7 +603,7 @@ def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root
 
 
 def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_seed: int = 0, seed: int = 0,
-                processes: int = 1, train_seconds: float | None = 300.0, run_seconds: float | None = None,
+                variation: int | None = None, processes: int = 1, train_seconds: float | None = 300.0, run_seconds: float | None = None,
                 eval_reserve_seconds: float = 150.0, max_steps: int | None = None, batch_size: int = 128,
                 lr: float = 1e-3, warmup_steps: int = 200, weight_decay: float = 0.01,
                 checkpoint_seconds: float = 60.0, eval_episodes: int = 25, eval_num_envs: int = 8,
@@ -629,7 +629,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     sigma (radians) of the noise on the joint history in the training text, as LLARVA's 0.01;
     `goal_weight`: the loss weight of the trace's goal (`goal_span`), 1 = plain mean; `goal_points`:
     which points are the goal, "last" or "future" (all but the first: see `goal_span`);
-    `action_noise`: DART's noise injection in the demos (`record_demos`);
+    `action_noise`: DART's noise injection in the demos (`record_demos`); `variation`: demos and
+    evaluation episodes of that one variation only (a diagnostic: the instruction then says
+    nothing the image does not);
     `early_weight`: the first `early_steps` steps of every episode are drawn `early_weight` times
     per epoch (an episode's first steps are where the image alone says where to go: the history
     still holds the start pose); `compile`: `torch.compile` the model (`train_model`);
@@ -685,6 +687,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                "history_noise": history_noise, "render_quality": render_quality}
     # Options added later, recorded only when used: a model trained before they existed still matches.
     options.update({k: v for k, v in (("goal_weight", goal_weight), ("action_noise", action_noise)) if v})
+    if variation is not None:
+        options["variation"] = variation
     if goal_weight == 1.0:
         options.pop("goal_weight", None)
     elif goal_points != "last":
@@ -712,7 +716,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
 
     # 1-2. demos and annotations
     recorded = record_demos(task, demos, data_root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
-                            seed=demo_seed, render_quality=render_quality, action_noise=action_noise,
+                            seed=demo_seed, variation=variation, render_quality=render_quality, action_noise=action_noise,
                             progress=progress)
     stage("demos", episodes=recorded["episodes"], seconds=recorded["seconds"], failures=len(recorded["failures"]))
     annotate(data_root, annotations_path, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
@@ -806,7 +810,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     eval_dir = out / "eval"
     isolate = torch.cuda.is_initialized() if isolate_evaluation is None else isolate_evaluation
     common = dict(task=task, episodes=eval_episodes, episode_length=eval_episode_length, num_envs=eval_num_envs,
-                  seed=eval_seed, render_quality=render_quality, progress=progress)
+                  seed=eval_seed, render_quality=render_quality, variation=variation, progress=progress)
     results_path = (export or eval_dir) / f"train_small_{task}_eval.json"
     # Videos need ffmpeg (imageio-ffmpeg); a machine without it (the lent GPU host) skips them and
     # a rollout video is made afterwards with `llarva eval --video`.

@@ -86,6 +86,23 @@ def test_rerun_resumes_after_a_kill_without_redoing_episodes(tmp_path):
         evaluate(StandStill(), "reach_target", episodes=3, episode_length=3, results_path=path, seed=1, progress=False)
 
 
+def test_a_fixed_variation_is_every_episodes_and_part_of_the_run(tmp_path):
+    path, options = tmp_path / "results.json", dict(episodes=3, episode_length=2, progress=False)
+    drawn = evaluate(StandStill(), "reach_target", **options)
+    assert len({r["variation"] for r in drawn["episodes"]}) > 1
+    fixed = evaluate(StandStill(), "reach_target", results_path=path, variation=4, num_envs=2, **options)
+    assert [r["variation"] for r in fixed["episodes"]] == [4, 4, 4] and fixed["variation"] == 4
+    assert len({r["instruction"] for r in fixed["episodes"]}) == 1
+    with pytest.raises(ValueError, match="another run.*variation: 4 there, None now"):
+        evaluate(StandStill(), "reach_target", results_path=path, **options)
+    with pytest.raises(ValueError, match="variation: expected None"):
+        evaluate(StandStill(), "reach_target", variation=20, **options)
+    cli_path = tmp_path / "cli.json"
+    cli.main(["eval", "--policy", "expert", "--task", "reach_target", "--episodes", "1", "--episode-length", "2",
+              "--variation", "2", "--results", str(cli_path)])
+    assert [r["variation"] for r in json.loads(cli_path.read_text())["episodes"]] == [2]
+
+
 def test_render_quality_is_the_envs_and_part_of_the_run(tmp_path):
     path, options = tmp_path / "results.json", dict(episodes=1, episode_length=2, progress=False)
     high, fast = StandStill(), StandStill()

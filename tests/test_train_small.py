@@ -372,6 +372,11 @@ def test_goal_tokens_are_the_trace_points_asked_for_and_weight_the_loss(tmp_path
     assert not torch.allclose(weighted, mean)
 
 
+def test_one_variation_must_be_one_of_the_tasks(tmp_path):
+    with pytest.raises(ValueError, match="variation: expected None"):
+        train_small(TASK, tmp_path, variation=99, eval_episodes=0, progress=False)
+
+
 def test_goal_weight_needs_a_trace_and_a_positive_number(tmp_path):
     with pytest.raises(ValueError, match="goal_weight.*visual_trace"):
         train_small(TASK, tmp_path, goal_weight=5.0, progress=False)
@@ -390,13 +395,17 @@ def test_first_step_trace_benchmark_scores_a_checkpoint_on_held_out_scenes(tmp_p
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
 
-    train_small(TASK, tmp_path / "run", size="toy", demos=2, batch_size=4, max_steps=2, visual_trace=True,
-                trace_points=3, eval_episodes=0, progress=False)
+    # One variation (the diagnostic where the image alone decides): demos and scenes of it only.
+    summary = train_small(TASK, tmp_path / "run", size="toy", demos=2, batch_size=4, max_steps=2, visual_trace=True,
+                          trace_points=3, eval_episodes=0, variation=1, progress=False)
+    assert summary["options"]["variation"] == 1
+    assert [load_demo(e).variation_number for e in episode_dirs(tmp_path / "run" / "data", TASK)] == [1, 1]
     out = tmp_path / "trace.json"
     report = benchmark.main(["--task", TASK, "--checkpoint", str(tmp_path / "run" / MODEL_DIR), "--scenes", "2",
-                             "--out", str(out)])
+                             "--variation", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == report
     assert report["trace_points"] == 3 and len(report["rows"]) == 2
+    assert [row["variation"] for row in report["rows"]] == [1, 1]
     for row in report["rows"]:
         assert len(row["true_trace"]) == 3 and row["true_end"] == row["true_trace"][-1]
         assert row["error_px"] == pytest.approx(np.hypot(*np.subtract(row["true_end"], row["predicted_end"])), abs=0.06)
