@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "demos": "record scripted-expert demos in RLBench's on-disk layout",
@@ -12,9 +13,15 @@ COMMANDS = {
     "finetune": "LoRA instruction tuning of a LLaVA checkpoint (transformers Trainer, DeepSpeed)",
     "merge-lora": "merge a LoRA adapter into its base model and save a full checkpoint",
     "eval": "evaluate a policy on an embedded (or real RLBench) task",
-    "quickstart": "the main job on the embedded simulator: evaluate and write a rollout video",
+    "quickstart": "the main job on the embedded simulator: the scripted expert, then the shipped learned policy, "
+                  "success rates and rollout videos",
     "train-small": "demos, annotations, a small LLaVA trained from scratch, evaluation: the whole pipeline",
 }
+
+# The learned policy the quickstart shows: a train-small model trained from random weights on 1,000
+# demos of one variation (models/README.md says how; benchmarks/results/train_small/*round7b* how it did).
+LEARNED_MODEL = Path(__file__).resolve().parent.parent / "models" / "sweep_to_dustpan_of_size_variation0"
+LEARNED_TASK, LEARNED_VARIATION = "sweep_to_dustpan_of_size", 0
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -95,6 +102,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="the env's rendering; use the one the policy's training demos were recorded with")
         p.add_argument("--variation", type=int, default=None,
                        help="every episode of this one variation (default: drawn per episode)")
+        if command == "quickstart":
+            p.add_argument("--learned-episodes", type=int, default=2,
+                           help=f"episodes of the shipped learned policy on {LEARNED_TASK}, variation "
+                                f"{LEARNED_VARIATION}, after the expert's (0: skip)")
     elif command == "train-small":
         p.add_argument("--task", required=True, help="RLBench task name or alias")
         p.add_argument("--out", required=True, help="run folder: demos, annotations, model/, eval/, summary.json")
@@ -192,6 +203,25 @@ def _run(command: str, args: argparse.Namespace) -> None:
                            results_path=args.results, seed=args.seed, render_quality=args.render_quality,
                            variation=args.variation)
         print_summary(results)
+        if command == "quickstart" and args.learned_episodes:
+            _quickstart_learned(args)
+
+
+def _quickstart_learned(args) -> None:
+    """The quickstart's second part: the learned policy shipped in models/, videos with its visual trace."""
+    from llarva_gym.evaluation import evaluate, print_summary
+    if not LEARNED_MODEL.is_dir():     # an installed wheel carries no models/ folder
+        print(f"\n(no learned policy at {LEARNED_MODEL}: run from a clone of the repository to see one)")
+        return
+    from llarva_policy.policy import LlarvaPolicy
+    print(f"\nA learned policy: {LEARNED_MODEL.name} (trained from random weights by `llarva train-small`), "
+          f"{args.learned_episodes} episodes of {LEARNED_TASK}, variation {LEARNED_VARIATION}")
+    policy = LlarvaPolicy.from_pretrained(LEARNED_MODEL, device=args.device, with_visual_trace=True, constrained=True)
+    out = Path(args.results).parent if args.results else Path("outputs/quickstart")
+    results = evaluate(policy, LEARNED_TASK, episodes=args.learned_episodes, num_envs=min(2, args.learned_episodes),
+                       episode_length=args.episode_length, video_dir=out / "learned_videos",
+                       results_path=out / "learned_results.json", seed=args.seed, variation=LEARNED_VARIATION)
+    print_summary(results)
 
 
 def _seconds_or_fit(text: str) -> float | None:
