@@ -48,8 +48,10 @@ class WaypointFollower:
                     return q, waypoint.gripper_open   # stand still while the gripper acts
                 continue
             # One control period along the straight line, turning at a bounded rate.
-            step = waypoint.speed * CONTROL_PERIOD
             distance = np.linalg.norm(offset)
+            step = waypoint.speed * CONTROL_PERIOD
+            if waypoint.brake_distance > 0:
+                step *= min(1.0, distance / waypoint.brake_distance)
             next_position = waypoint.position if distance <= step else position + offset * (step / distance)
             angle = np.linalg.norm(turn)
             fraction = min(1.0, MAX_TURN_RATE * CONTROL_PERIOD / angle) if angle > 0 else 1.0

@@ -139,6 +139,32 @@ def test_expert_reaches_targets_of_several_colours():
     env.close()
 
 
+def test_expert_slows_into_the_reach_target_only_within_its_brake_distance():
+    env = gym.make("llarva/reach_target", variation=0)
+    obs, info = env.reset(seed=1)
+    target = env.unwrapped.backend.task.waypoints()[0]
+    assert target.brake_distance == 0.15
+    tips, expert = [obs["gripper_pose"][:3]], ScriptedExpert(env)
+    for _ in range(120):
+        obs, _, terminated, truncated, info = env.step(expert.predict(obs)[0])
+        tips.append(obs["gripper_pose"][:3])
+        if terminated or truncated:
+            break
+    assert info["success"]
+    tips = np.array(tips)
+    steps = np.linalg.norm(np.diff(tips, axis=0), axis=1)
+    left = np.linalg.norm(tips[:-1] - target.position, axis=1)   # distance before each step
+    cruising = left > target.brake_distance + 0.01
+    # Full speed (a few steps are held back by the joints' speed limits).
+    assert cruising.any() and np.median(steps[cruising]) == pytest.approx(target.speed * 0.05, rel=0.02)
+    braking = left < target.brake_distance - 0.01
+    assert braking.any()
+    # Each step's length is the distance left times speed x period / brake distance (within IK's tolerance).
+    np.testing.assert_allclose(steps[braking], left[braking] * target.speed * 0.05 / target.brake_distance,
+                               rtol=0.1, atol=5e-4)
+    env.close()
+
+
 @pytest.mark.parametrize("mode", ["joint_position", "ee_pose"])
 def test_expert_in_other_action_modes(mode):
     env = gym.make("llarva/reach_target", action_mode=mode)

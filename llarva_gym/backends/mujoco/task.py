@@ -55,6 +55,10 @@ class Waypoint:
     rotation: np.ndarray = field(default_factory=GRIPPER_DOWN.copy)
     gripper_open: float = 1.0
     speed: float = 0.4   # m/s along the straight line
+    # Within this distance (m) of the position the speed falls in proportion to the distance left;
+    # 0: full speed to the end. A cloned policy learns from such an arrival to settle where it
+    # should be, where a full-speed arrival teaches it to keep going.
+    brake_distance: float = 0.0
 
 
 class Task:
