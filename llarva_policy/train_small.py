@@ -619,7 +619,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     device call has 10 minutes): training stops early enough to leave `eval_reserve_seconds`, and
     if it has not finished, the call ends there, leaving `training_state.pt` in `out`.
     `train_seconds=None` (needs `run_seconds`): the training takes what this call leaves and
-    finishes in it (the cosine schedule ends with it).
+    finishes in it (the cosine schedule ends with it); with `max_steps` as well, it runs all
+    `max_steps` steps, and a call that runs out first leaves it unfinished, to continue.
     Rerunning into the same `out` continues the demos, continues an unfinished training (same
     options) where it stopped, keeps a finished model and continues the evaluations.
     `eval_episodes=0` skips both evaluations (run `llarva eval` on the model folder later).
@@ -775,7 +776,11 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         if run_seconds is not None:
             stop_seconds = max(10.0, run_seconds - eval_reserve_seconds - (time.perf_counter() - started))
         budget = train_seconds
-        if budget is None:     # what this run leaves, and finish in it
+        if budget is None and max_steps is not None:
+            # A step schedule (a repeat of an earlier run) must run to its last step: cut on the
+            # clock, its learning rate would never have decayed. The run's budget only pauses it.
+            budget = math.inf
+        elif budget is None:     # what this run leaves, and finish in it
             budget, stop_seconds = stop_seconds + (resume["seconds"] if resume else 0.0), None
         data = data.to(device)
         with _Deterministic(enabled=deterministic):
@@ -898,5 +903,9 @@ def format_summary(summary: dict) -> str:
                          f"{training.get('seconds')} s, final loss {training.get('final_loss')}"),
             ("trained policy", rate(summary.get("eval"))),
             ("scripted expert", rate(summary.get("expert")))]
+    if training.get("stopped_by") == "stop_seconds":
+        of = f" of {training['max_steps']}" if training.get("max_steps") else ""
+        rows.append(("unfinished", f"paused at step {training.get('steps')}{of} by the run's budget: "
+                                   "run the same command again to continue"))
     width = max(len(name) for name, _ in rows)
     return "train-small\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)

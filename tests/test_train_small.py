@@ -42,6 +42,7 @@ from llarva_policy.train_small import (  # noqa: E402
     build_training_set,
     encode_conversations,
     episode_step,
+    format_summary,
     goal_span,
     learning_rate,
     save_checkpoint,
@@ -208,6 +209,21 @@ def test_a_training_fitted_to_the_run_finishes_in_it(tmp_path):
     assert training["stopped_by"] == "time" and training["sittings"] == 1
     assert 10.0 <= training["seconds"] < 40.0 - 25.0 + 1.0
     assert summary["eval"]["episodes"] == 1 and not (out / "training_state.pt").exists()
+
+
+def test_a_step_schedule_fitted_to_the_run_is_paused_not_cut(tmp_path):
+    """`train_seconds=None` with `max_steps` (a repeat of an earlier run's schedule): a run that
+    runs out of time before the last step leaves the training unfinished, to continue, rather
+    than calling a model whose learning rate never decayed finished and evaluating it."""
+    out = tmp_path / "run"
+    summary = train_small(TASK, out, size="toy", demos=2, batch_size=4, train_seconds=None, max_steps=10 ** 6,
+                          run_seconds=1.0, eval_reserve_seconds=0.0, eval_episodes=1, eval_num_envs=1,
+                          eval_episode_length=2, expert_baseline=False, progress=False)
+    training = summary["training"]
+    assert training["stopped_by"] == "stop_seconds" and training["max_steps"] == 10 ** 6
+    assert 0 < training["steps"] < 10 ** 6 and "eval" not in summary
+    assert (out / "training_state.pt").is_file()
+    assert "paused at step" in format_summary(summary)
 
 
 @pytest.mark.slow
