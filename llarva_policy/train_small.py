@@ -412,7 +412,9 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
 
     on_clock = max_steps is None
     total = max_steps if max_steps is not None else 10 ** 9
-    warmup = warmup_steps if on_clock else min(warmup_steps, max(1, total // 10))
+    # A given step count keeps the warm-up asked for (a repeat of a run on the clock must warm up
+    # as it did), unless that would be more than half of the steps.
+    warmup = warmup_steps if on_clock else min(warmup_steps, max(1, total // 2))
     if resume is None:
         log = {"max_steps": None if on_clock else total, "max_steps_chosen": "clock" if on_clock else "given",
                "batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "weight_decay": weight_decay,

@@ -133,6 +133,16 @@ def test_training_stops_at_the_time_budget_and_is_reproducible(annotated):
     assert rates[:2] == pytest.approx([0.5e-3, 1e-3]) and rates[-1] < 0.3e-3
     assert all(later <= earlier + 1e-12 for earlier, later in zip(rates[1:], rates[2:]))
 
+    # A step count passed back repeats the schedule on the steps, with the warm-up asked for (a
+    # run on the clock warmed up for all of it), then the cosine towards a tenth of the peak.
+    _, model, _ = toy_model(entries)
+    repeat = train_model(model, data, normalize, device=CPU, batch_size=4, max_steps=8, warmup_steps=4,
+                         lr=1e-3, log_every=1, progress=False)
+    assert repeat["warmup_steps"] == 4 and repeat["stopped_by"] == "steps"
+    repeated = [entry["lr"] for entry in repeat["history"]]
+    assert repeated[:4] == pytest.approx([0.25e-3, 0.5e-3, 0.75e-3, 1e-3])
+    assert all(later < earlier for earlier, later in zip(repeated[4:], repeated[5:])) and repeated[-1] < 0.3e-3
+
     # The same seeds give the same weights.
     weights = []
     for _ in range(2):
