@@ -26,6 +26,14 @@ from the state it finds, corrects the drift in the next steps. RLBench's record 
 command, which `annotate` uses as the label. The noise of attempt k is a function of its reset
 seed alone.
 
+Expert takeover (DAgger-style). A policy cloned from demos, even noisy ones, drifts in closed loop
+into states no demo visits, and nothing taught it the way back. With `driver` (a learned policy),
+each attempt lets it drive the first k steps (k drawn from 1..`driver_steps`, a function of the
+attempt's seed) and then the expert takes over from wherever the arm is and finishes the task: the
+episode shows the expert recovering from the states the policy itself reaches. The driven steps
+stay in the record (they are the history of what follows) and are marked
+`misc["policy_driven"]`; `annotate` makes no training sample of them.
+
 Processes. `processes=N` runs attempts in N worker processes (the "spawn" start method: a forked
 OpenGL context is not safe), each with its own env; results come back in attempt order and
 episodes are numbered in that order. A worker writes its successful attempt into a hidden staging
@@ -64,11 +72,12 @@ EPISODE_INFO = "llarva_episode.json"   # how an episode was recorded; read on re
 _LEFTOVER = re.compile(r"\.{1,2}(attempt\d+|episode\d+)(\..*)?")
 # The options an episode is recorded with; a resumed run must use the same ones.
 _SETTINGS = ("task", "seed", "cameras", "image_size", "depth", "variation", "max_episode_steps", "render_quality",
-             "action_noise")
+             "action_noise", "driver", "driver_steps")
 # What a setting was before it was recorded: episodes written before render_quality existed were
 # rendered "fast", so a folder of them still resumes with the default.
-_SETTING_DEFAULTS = {"render_quality": "fast", "action_noise": 0.0}
+_SETTING_DEFAULTS = {"render_quality": "fast", "action_noise": 0.0, "driver": None, "driver_steps": 0}
 EXPERT_ACTION_KEY = "expert_joint_velocities"   # in an observation's misc: the command behind a noisy step
+POLICY_STEP_KEY = "policy_driven"   # in an observation's misc: the step that led here was the driver's
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
@@ -93,13 +102,14 @@ class Attempt:
 _worker: dict = {}   # this process's env and recording settings, made by _start_worker
 
 
-def _start_worker(settings: dict, folder: str) -> None:
-    """Make this process's env (each process needs its own simulator and OpenGL context)."""
+def _start_worker(settings: dict, folder: str, make_driver=None) -> None:
+    """Make this process's env (each process needs its own simulator and OpenGL context) and driver."""
     import llarva_gym  # noqa: F401  (registers the llarva/ ids in a spawned process)
     env = gym.make(f"llarva/{settings['task']}", cameras=settings["cameras"], image_size=settings["image_size"],
                    depth=settings["depth"], variation=settings["variation"],
                    max_episode_steps=settings["max_episode_steps"], render_quality=settings["render_quality"])
-    _worker.update(env=env, expert=ScriptedExpert(env), settings=settings, folder=Path(folder))
+    _worker.update(env=env, expert=ScriptedExpert(env), settings=settings, folder=Path(folder),
+                   driver=make_driver() if make_driver is not None else None)
 
 
 def _stop_worker() -> None:
@@ -108,25 +118,42 @@ def _stop_worker() -> None:
     _worker.clear()
 
 
-def record_episode(env, expert, reset_seed: int, action_noise: float = 0.0) -> tuple[Demo, dict]:
+def takeover_step(reset_seed: int, driver_steps: int) -> int:
+    """How many steps the driver takes in the attempt reset with `reset_seed`: 1..driver_steps."""
+    return int(np.random.default_rng((reset_seed, 2)).integers(1, driver_steps + 1))
+
+
+def record_episode(env, expert, reset_seed: int, action_noise: float = 0.0, driver=None,
+                   driver_steps: int = 0) -> tuple[Demo, dict]:
     """Run the expert for one episode from `env.reset(seed=reset_seed)`, keeping RLBench's record of
     every step: the observation right after reset, then one after each step (the last included).
     Returns the Demo and the final step's info (`success` says whether to keep it).
-    `action_noise`: DART's noise on the executed joint velocities (see the module docstring)."""
+    `action_noise`: DART's noise on the executed joint velocities; `driver` (a policy with
+    Stable-Baselines3's `predict`) drives the first `takeover_step(reset_seed, driver_steps)`
+    steps before the expert takes over (see the module docstring for both)."""
     if action_noise and env.unwrapped.action_mode != "joint_velocity":
         raise ValueError(f"action_noise: noise injection perturbs joint velocities; the env's action_mode is "
                          f"{env.unwrapped.action_mode!r}, expected 'joint_velocity' (or action_noise=0)")
     noise_rng = np.random.default_rng((reset_seed, 1))
+    driven = takeover_step(reset_seed, driver_steps) if driver is not None else 0
     obs, start = env.reset(seed=reset_seed)
     observations = [env.unwrapped.rlbench_observation()]
     terminated = truncated = False
-    info = start
+    info, driver_state = start, None
     while not (terminated or truncated):
-        action, _ = expert.predict(obs)
-        executed = perturb_joint_velocities(action, action_noise, noise_rng) if action_noise else action
+        step = len(observations) - 1
+        if step < driven:
+            action, driver_state = driver.predict(obs, state=driver_state, episode_start=np.array([step == 0]),
+                                                  deterministic=True)
+            executed = action
+        else:
+            action, _ = expert.predict(obs)
+            executed = perturb_joint_velocities(action, action_noise, noise_rng) if action_noise else action
         obs, _, terminated, truncated, info = env.step(executed)
         record = env.unwrapped.rlbench_observation()
-        if action_noise:
+        if step < driven:
+            record.misc[POLICY_STEP_KEY] = True
+        elif action_noise:
             record.misc[EXPERT_ACTION_KEY] = np.asarray(action[:7], dtype=np.float64)
         observations.append(record)
     # What env.reset(options={"demo": demo}) reads to rebuild this episode's start.
@@ -149,7 +176,8 @@ def _run_attempt(index: int) -> Attempt:
     settings, folder = _worker["settings"], _worker["folder"]
     reset_seed = attempt_seed(settings["seed"], index)
     try:
-        demo, info = record_episode(_worker["env"], _worker["expert"], reset_seed, settings["action_noise"])
+        demo, info = record_episode(_worker["env"], _worker["expert"], reset_seed, settings["action_noise"],
+                                    _worker["driver"], settings["driver_steps"])
     except Exception as error:   # a simulator failure loses this attempt, not the run (as RLBench)
         return Attempt(index, reset_seed, 0, False, f"{type(error).__name__}: {error}")
     steps = len(demo) - 1
@@ -166,7 +194,7 @@ def _run_attempt(index: int) -> Attempt:
 # --- the run --------------------------------------------------------------------------------------
 
 def _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps, render_quality="fast",
-              action_noise=0.0) -> dict:
+              action_noise=0.0, driver=None, driver_steps=0) -> dict:
     """Checked options, in the JSON-friendly form stored in each episode's llarva_episode.json."""
     if isinstance(cameras, str):
         cameras = [c.strip() for c in cameras.split(",") if c.strip()]
@@ -184,10 +212,17 @@ def _settings(task, cameras, image_size, depth, variation, seed, max_episode_ste
     if isinstance(action_noise, bool) or not isinstance(action_noise, (int, float)) or not 0 <= action_noise < 10:
         raise ValueError(f"action_noise: expected a number in [0, 10) (noise sigma as a fraction of the expert's "
                          f"fastest joint speed; 0: clean demos), got {action_noise!r}")
+    if driver is not None and not (isinstance(driver, str) and driver):
+        raise ValueError(f"driver_name: expected a non-empty str naming the driver, got {driver!r}")
+    if driver is not None and (isinstance(driver_steps, bool) or not isinstance(driver_steps, (int, np.integer))
+                               or driver_steps < 1):
+        raise ValueError(f"driver_steps: expected an int >= 1 (the most steps the driver takes before the "
+                         f"expert takes over), got {driver_steps!r}")
     return {"task": task, "seed": int(seed), "cameras": list(config.cameras), "image_size": list(config.image_size),
             "depth": bool(depth), "variation": None if variation is None else int(variation),
             "max_episode_steps": int(max_episode_steps), "render_quality": config.render_quality,
-            "action_noise": float(action_noise)}
+            "action_noise": float(action_noise), "driver": driver,
+            "driver_steps": int(driver_steps) if driver is not None else 0}
 
 
 def _remove_leftovers(folder: Path) -> None:
@@ -225,7 +260,8 @@ def _first_attempt(existing: list[Path], settings: dict) -> int:
 def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("front",), depth: bool = False,
                  processes: int = 1, variation: int | None = None, seed: int = 0, progress: bool = True,
                  max_episode_steps: int | None = None, max_attempts: int | None = None,
-                 render_quality: str = "fast", action_noise: float = 0.0) -> dict:
+                 render_quality: str = "fast", action_noise: float = 0.0, driver=None, driver_steps: int = 10,
+                 driver_name: str | None = None) -> dict:
     """Record scripted-expert episodes of `task` until `<out>/<task>/all_variations/episodes` holds
     `episodes` of them (RLBench's layout, `task` resolved to RLBench's name); returns a summary.
 
@@ -238,15 +274,21 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
     warns and returns with `complete` False. `render_quality` is the env's: "fast" (default, no
     shadows) or "high" (shadows and multisampling, much slower on CPU); evaluate a policy trained on
     such images with the same `render_quality`. `action_noise`: DART's noise injection (module
-    docstring), 0 for clean demos.
+    docstring), 0 for clean demos. `driver`: expert takeover (module docstring), a callable with
+    no arguments that returns the policy (each worker process makes its own, so with
+    `processes` > 1 it must pickle: a `functools.partial`, say), which drives at most
+    `driver_steps` steps of each attempt; `driver_name` (default: its repr) identifies it in the
+    episodes' records, which a resumed run must match.
 
     Summary: task, episodes_dir, episodes (in the folder now), episodes_written (by this call),
     attempts, failures (list of {attempt, reason}), complete, seconds, demos_per_minute.
     """
     started = time.perf_counter()
     task = resolve_task(task)
+    if driver is not None and not callable(driver):
+        raise ValueError(f"driver: expected a callable that returns a policy (or None), got {driver!r}")
     settings = _settings(task, cameras, image_size, depth, variation, seed, max_episode_steps, render_quality,
-                         action_noise)
+                         action_noise, None if driver is None else (driver_name or repr(driver)), driver_steps)
     if isinstance(episodes, bool) or not isinstance(episodes, (int, np.integer)) or episodes < 0:
         raise ValueError(f"episodes: expected a non-negative int, got {episodes!r}")
     if isinstance(processes, bool) or not isinstance(processes, (int, np.integer)) or processes < 1:
@@ -269,10 +311,10 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
     pool = None
     try:
         if missing and processes == 1:
-            _start_worker(settings, str(folder))
+            _start_worker(settings, str(folder), driver)
         elif missing:
             pool = ProcessPoolExecutor(min(processes, missing), mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_start_worker, initargs=(settings, str(folder)))
+                                       initializer=_start_worker, initargs=(settings, str(folder), driver))
         # Keep as many attempts under way as there are episodes still missing (at most 2 per
         # process, so none waits for work): with a successful expert, none is wasted at the end.
         window = 1 if pool is None else 2 * processes

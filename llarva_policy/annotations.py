@@ -10,7 +10,8 @@ The text comes from `llarva_policy.codec`, so what we train on is what `predict`
 of step t is observation t + 1's joint_velocities and gripper_open (RLBench stores with each
 observation the velocities that led to it); in demos recorded with noise injection
 (`record_demos(action_noise=...)`) the label is the expert's command,
-`misc["expert_joint_velocities"]`, not the noisy velocity executed. With `visual_trace=True` the answer also holds the end
+`misc["expert_joint_velocities"]`, not the noisy velocity executed; the steps a learned policy
+drove (`record_demos(driver=...)`, marked `misc["policy_driven"]`) give no entry. With `visual_trace=True` the answer also holds the end
 effector's future path in the front image (see `end_effector_trace`).
 """
 
@@ -29,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from llarva_gym.demos import episode_dirs, load_demo
-from llarva_gym.recording import EXPERT_ACTION_KEY
+from llarva_gym.recording import EXPERT_ACTION_KEY, POLICY_STEP_KEY
 from llarva_policy import codec
 
 TRACE_POINTS = 30   # points in a visual trace, as the original development code (about 30)
@@ -107,11 +108,13 @@ def episode_annotations(demo: Sequence, image_prefix: str, *, visual_trace: bool
 
     entries = []
     for t in range(len(demo) - 1):
+        label = demo[t + 1]
+        if (label.misc or {}).get(POLICY_STEP_KEY):
+            continue     # a learned policy's step (expert takeover): history for what follows, not a label
         history = [demo[i].joint_positions for i in range(max(0, t - codec.HISTORY_STEPS + 1), t + 1)]
         question = codec.build_question(
             instruction, codec.format_history(history, noise_sigma=history_noise, rng=rng),
             visual_trace=visual_trace, template=template)
-        label = demo[t + 1]
         velocities = (label.misc or {}).get(EXPERT_ACTION_KEY, label.joint_velocities)
         action = np.append(np.asarray(velocities, dtype=np.float64), label.gripper_open)
         trace = (end_effector_trace(demo, t, image_size=image_size, max_points=trace_points)

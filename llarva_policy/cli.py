@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--action-noise", type=float, default=0.0,
                        help="DART noise injection: sigma of the noise on the executed joint velocities, as a "
                             "fraction of the expert's fastest joint speed (labels stay the expert's)")
+        p.add_argument("--driver", default=None, metavar="CHECKPOINT",
+                       help="expert takeover: this LLARVA checkpoint drives the first steps of each episode "
+                            "(1..--driver-steps), then the expert finishes from where it left the arm")
+        p.add_argument("--driver-steps", type=int, default=10, help="the most steps the --driver takes")
+        p.add_argument("--driver-visual-trace", action="store_true",
+                       help="the --driver answers with a visual trace (as it was trained)")
     elif command == "annotate":
         p.add_argument("--data", required=True, help="dataset root holding <task>/all_variations/episodes")
         p.add_argument("--out", required=True, help="annotation JSON to write")
@@ -167,10 +174,18 @@ def _parser(command: str) -> argparse.ArgumentParser:
 def _run(command: str, args: argparse.Namespace) -> None:
     if command == "demos":
         from llarva_gym.demos import record_demos
+        driver = None
+        if args.driver:
+            from llarva_policy.policy import LlarvaPolicy
+            # Each recording process loads its own copy; constrained decoding: every answer parses.
+            driver = functools.partial(LlarvaPolicy.from_pretrained, args.driver, constrained=True,
+                                       with_visual_trace=args.driver_visual_trace)
         for task in _csv(args.task):
             record_demos(task, args.episodes, args.out, image_size=args.image_size, cameras=args.cameras,
                          depth=args.depth, processes=args.processes, variation=args.variation, seed=args.seed,
-                         render_quality=args.render_quality, action_noise=args.action_noise)
+                         render_quality=args.render_quality, action_noise=args.action_noise, driver=driver,
+                         driver_steps=args.driver_steps,
+                         driver_name=str(Path(args.driver).resolve()) if args.driver else None)
     elif command == "annotate":
         from llarva_policy.annotations import annotate
         count = annotate(args.data, args.out, args.task, visual_trace=args.visual_trace,

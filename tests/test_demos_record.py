@@ -283,3 +283,69 @@ def test_llarva_demos_command_takes_action_noise(tmp_path):
     cli.main(["demos", "--task", "reach_target", "--episodes", "1", "--out", str(tmp_path), "--image-size", "32",
               "--action-noise", "0.2"])
     assert episode_info(tmp_path, "reach_target")[0]["action_noise"] == 0.2
+
+
+class SwingTheBase:
+    """A stand-in for a learned policy that has gone astray: it turns the first joint, whatever it sees."""
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=True):
+        return np.array([0.8, 0, 0, 0, 0, 0, 0, 1.0], dtype=np.float32), state
+
+
+def test_expert_takeover_records_the_drivers_steps_then_the_expert_recovering(tmp_path):
+    """`driver`: the policy drives the first k steps (1..driver_steps, from the seed), then the
+    expert finishes from where it left the arm; the driven steps are marked, and annotate makes
+    samples of the expert's steps alone, with the driven ones in their history."""
+    from llarva_policy.annotations import annotate
+
+    options = dict(image_size=32, cameras=("front",), seed=0, progress=False, driver_steps=6)
+    summary = record_demos("reach_target", 2, tmp_path / "takeover", driver=SwingTheBase, **options)
+    assert summary["complete"]
+    for folder, info in zip(episode_dirs(tmp_path / "takeover", "reach_target"),
+                            episode_info(tmp_path / "takeover", "reach_target")):
+        demo = load_demo(folder, load_images=False)
+        driven = recording.takeover_step(info["reset_seed"], 6)
+        assert 1 <= driven <= 6 and info["driver"] == repr(SwingTheBase) and info["driver_steps"] == 6
+        marked = [bool(obs.misc.get(recording.POLICY_STEP_KEY)) for obs in demo]
+        assert marked == [False] + [True] * driven + [False] * (len(demo) - 1 - driven)
+        assert all(obs.joint_velocities[0] == pytest.approx(0.8) for obs in demo[1:driven + 1])
+        # The expert turns the base back: the arm left its start pose and came back to the target.
+        assert demo[driven].joint_positions[0] == pytest.approx(0.8 * 0.05 * driven, abs=1e-4)
+        assert demo[len(demo) - 1].joint_positions[0] < demo[driven].joint_positions[0]
+    first = load_demo(episode_dirs(tmp_path / "takeover", "reach_target")[0], load_images=False)
+    driven = recording.takeover_step(episode_info(tmp_path / "takeover", "reach_target")[0]["reset_seed"], 6)
+    count = annotate(tmp_path / "takeover", tmp_path / "anns.json", "reach_target")
+    entries = json.loads((tmp_path / "anns.json").read_text())
+    steps = sorted(int(Path(e["image"]).stem) for e in entries if "/episode0/" in e["image"])
+    assert steps == list(range(driven, len(first) - 1)) and count == len(entries)
+    # The first sample's history holds the driven steps (the base turned), its label the expert's.
+    sample = next(e for e in entries if e["image"].endswith(f"episode0/front_rgb/{driven}.png"))
+    assert f"{round(0.8 * 0.05 * driven, 4)}" in sample["conversations"][0]["value"]
+
+    record_demos("reach_target", 2, tmp_path / "again", driver=SwingTheBase, **options)
+    assert snapshot(tmp_path / "again") == snapshot(tmp_path / "takeover")
+    with pytest.raises(ValueError, match=r"driver_steps: recorded 6, asked 3"):
+        record_demos("reach_target", 3, tmp_path / "takeover", driver=SwingTheBase, **{**options, "driver_steps": 3})
+    with pytest.raises(ValueError, match=r"driver: recorded .*SwingTheBase.*, asked None"):
+        record_demos("reach_target", 3, tmp_path / "takeover", **options)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="driver_steps"):
+            record_demos("reach_target", 1, tmp_path / "bad", driver=SwingTheBase, **{**options, "driver_steps": bad})
+    with pytest.raises(ValueError, match="driver: expected a callable"):
+        record_demos("reach_target", 1, tmp_path / "bad", driver="runs/model", **options)
+
+
+def test_llarva_demos_command_takes_a_checkpoint_as_driver(tmp_path):
+    """A LLARVA checkpoint (random weights, constrained answers) drives the first steps in two
+    spawned recording processes, each loading its own copy."""
+    from llarva_policy.model import make_random_llava
+
+    checkpoint = make_random_llava(tmp_path / "tiny", size="tiny", seed=0)
+    cli.main(["demos", "--task", "reach_target", "--episodes", "2", "--out", str(tmp_path / "data"),
+              "--image-size", "32", "--processes", "2", "--driver", str(checkpoint), "--driver-steps", "2"])
+    infos = episode_info(tmp_path / "data", "reach_target")
+    assert len(infos) == 2 and all(info["driver"] == str(Path(checkpoint).resolve()) for info in infos)
+    for folder, info in zip(episode_dirs(tmp_path / "data", "reach_target"), infos):
+        demo = load_demo(folder, load_images=False)
+        driven = recording.takeover_step(info["reset_seed"], 2)
+        assert [bool(obs.misc.get(recording.POLICY_STEP_KEY)) for obs in demo[1:driven + 2]] == [True] * driven + [False]
