@@ -228,3 +228,34 @@ def test_bad_arguments():
 def test_module_does_not_import_torch():
     code = "import sys, llarva_gym.evaluation; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(tmp_path):
+    """benchmarks/closed_loop_drift.py: a checkpoint drives; at each state it reaches, the expert's
+    command from there and the tip's distance to its waypoint are recorded."""
+    import importlib.util
+    from pathlib import Path
+
+    from llarva_policy.model import make_random_llava
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "closed_loop_drift.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    checkpoint = make_random_llava(tmp_path / "tiny", size="tiny", seed=0)
+    out = tmp_path / "drift.json"
+    benchmark.main(["--task", "reach_target", "--checkpoint", str(checkpoint), "--episodes", "1", "--steps", "4",
+                    "--variation", "3", "--seed", "5", "--out", str(out)])
+    [episode] = json.loads(out.read_text())["episodes"]
+    assert [row["step"] for row in episode["steps"]] == [0, 1, 2, 3]
+    assert all(-1 <= row["cosine"] <= 1 for row in episode["steps"])
+
+    # Step 0 against the same episode started here: the expert's first command and the distance.
+    env = gym.make("llarva/reach_target", variation=3)
+    obs, _ = env.reset(seed=episode_reset_seed(5, 0))
+    target = env.unwrapped.backend.task.waypoints()[0].position
+    first = episode["steps"][0]
+    assert first["tip_to_waypoint_m"] == pytest.approx(np.linalg.norm(obs["gripper_pose"][:3] - target), abs=1e-4)
+    assert first["expert_speed"] == pytest.approx(np.linalg.norm(env.unwrapped.expert_action()[:7]), abs=1e-4)
+    assert episode["closest_m"] == min(row["tip_to_waypoint_m"] for row in episode["steps"])
+    env.close()
