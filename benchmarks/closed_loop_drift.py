@@ -88,6 +88,7 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as handle:
             json.dump(record, handle, indent=1)
+        os.chmod(handle.name, 0o644)    # a temporary file is private; the results are not
         os.replace(handle.name, out)
     env.close()
 
