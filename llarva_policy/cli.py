@@ -159,6 +159,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--early-steps", type=int, default=5, help="see --early-weight")
         p.add_argument("--early-weight", type=int, default=1,
                        help="draw the first --early-steps steps of every episode this many times per epoch")
+        p.add_argument("--driver", default=None, metavar="MODEL",
+                       help="a DAgger round: an earlier round's model folder drives the first steps of "
+                            "--takeover-demos more episodes, the expert finishes them; train on both sets")
+        p.add_argument("--takeover-demos", type=int, default=0, help="expert-takeover demos driven by --driver")
+        p.add_argument("--takeover-steps", type=int, default=30, help="the most steps --driver takes in each")
         p.add_argument("--compile", action="store_true", help="torch.compile the model (faster on a GPU)")
         p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                        help="without PyTorch's deterministic kernels (faster on a GPU; runs agree less closely)")

@@ -45,6 +45,7 @@ to fill `train_seconds`, and the steps made are recorded in the summary; pass th
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -100,6 +101,7 @@ MODEL_DIR = "model"
 TRAINING_FILE = "llarva_train_small.json"   # in the model folder: how it was trained, and whether it finished
 STATE_FILE = "training_state.pt"     # an unfinished training: weights (fp32), optimizer, step, data order
 DATA_CACHE_FILE = "training_set.pt"  # the tokenized samples and their images, reused by a rerun
+TAKEOVER_DIR = "takeover"            # expert-takeover demos driven by an earlier round's model (DAgger)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,6 +606,41 @@ def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root
     return data
 
 
+def _record_takeover(task, out: Path, driver, episodes: int, steps: int, *, demo_seed: int, variation,
+                     render_quality: str, action_noise: float, processes: int, seed: int, visual_trace: bool,
+                     trace_points: int, history_noise: float, progress: bool) -> dict:
+    """Expert-takeover demos driven by `driver` into `<out>/takeover`, and their annotation entries."""
+    from llarva_gym.recording import record_demos
+    from llarva_policy.annotations import annotate
+    from llarva_policy.policy import LlarvaPolicy
+
+    record = Path(driver) / TRAINING_FILE     # the driver answers as it was trained: with a trace or without
+    answers_with_trace = (json.loads(record.read_text())["options"].get("visual_trace", False)
+                          if record.is_file() else visual_trace)
+    make_driver = functools.partial(LlarvaPolicy.from_pretrained, str(driver), constrained=True,
+                                    with_visual_trace=bool(answers_with_trace))
+    root = out / TAKEOVER_DIR
+    recorded = record_demos(task, episodes, root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
+                            seed=demo_seed, variation=variation, render_quality=render_quality,
+                            action_noise=action_noise, driver=make_driver, driver_steps=steps,
+                            driver_name=str(Path(driver).resolve()), progress=progress)
+    annotations = out / "takeover_annotations.json"
+    annotate(root, annotations, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
+             history_noise=history_noise, progress=progress)
+    return {"episodes": recorded["episodes"], "seconds": recorded["seconds"], "failures": len(recorded["failures"]),
+            "annotations": load_annotations(annotations, root)}
+
+
+def _append_annotations(path: Path, root: Path, extra: list[dict], extra_root: Path) -> None:
+    """Add `extra` (image paths relative to `extra_root`) to the annotation file at `path` (relative
+    to `root`), with ids after its own: one file, so everything after it is unchanged."""
+    entries = json.loads(path.read_text())
+    next_id = max(entry["id"] for entry in entries) + 1
+    entries += [{**entry, "id": next_id + i, "image": os.path.relpath(extra_root / entry["image"], root)}
+                for i, entry in enumerate(extra)]
+    _write_json(path, entries)
+
+
 def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_seed: int = 0, seed: int = 0,
                 variation: int | None = None, processes: int = 1, train_seconds: float | None = 300.0, run_seconds: float | None = None,
                 eval_reserve_seconds: float = 150.0, max_steps: int | None = None, batch_size: int = 128,
@@ -613,6 +650,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                 visual_trace: bool = False, trace_points: int = 10, history_noise: float = 0.0,
                 goal_weight: float = 1.0, goal_points: str = "last", action_noise: float = 0.0, early_steps: int = 5, early_weight: int = 1,
                 compile: bool = False, deterministic: bool = True, render_quality: str = "fast", device=None,
+                driver=None, takeover_demos: int = 0, takeover_steps: int = 30,
                 export=None, isolate_evaluation: bool | None = None, progress: bool = True) -> dict:
     """Record demos, annotate, train a small LLaVA from scratch, evaluate it and the expert; returns the summary.
 
@@ -640,6 +678,10 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     still holds the start pose); `compile`: `torch.compile` the model (`train_model`);
     `deterministic`: PyTorch's deterministic kernels (off: faster on CUDA, runs agree less closely);
     `render_quality`: the env's rendering for the demos and the evaluation ("high": shadows);
+    `driver`, `takeover_demos`, `takeover_steps`: a DAgger round. `driver` (an earlier round's
+    model folder) drives the first 1..`takeover_steps` steps of `takeover_demos` more episodes
+    (demo seed `demo_seed + 1`, in `<out>/takeover`), the expert finishes each from where it finds
+    the arm (`record_demos(driver=...)`), and the model is trained from scratch on both sets;
     `isolate_evaluation`: run each evaluation in a fresh process (default: when this process has
     started CUDA; see the evaluation step).
     """
@@ -673,6 +715,14 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     for name, value in (("early_steps", early_steps), ("early_weight", early_weight)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    if isinstance(takeover_demos, bool) or not isinstance(takeover_demos, int) or takeover_demos < 0:
+        raise ValueError(f"takeover_demos: expected an int >= 0 (0: no takeover demos), got {takeover_demos!r}")
+    if (driver is None) != (takeover_demos == 0):
+        raise ValueError(f"driver and takeover_demos go together: the model that drives the takeover demos and how "
+                         f"many to record (got driver={driver!r}, takeover_demos={takeover_demos!r})")
+    if driver is not None and not (Path(driver) / "config.json").is_file():
+        raise FileNotFoundError(f"driver: {driver} is not a model folder (no config.json); expected an earlier "
+                                f"round's <out>/model")
     if train_seconds is None and run_seconds is None:
         raise ValueError("train_seconds=None (train for what this run leaves) needs run_seconds, the run's budget")
     if train_seconds is not None and not train_seconds > 0:
@@ -698,6 +748,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         options["goal_points"] = goal_points
     if early_weight != 1:
         options.update(early_steps=early_steps, early_weight=early_weight)
+    if driver is not None:
+        options.update(driver=str(driver), takeover_demos=takeover_demos, takeover_steps=takeover_steps)
     options.update({k: v for k, v in (("compile", compile), ("deterministic", deterministic)) if v != (k == "deterministic")})
     summary = {"task": task, "options": options,
                "evaluation": {"episodes": eval_episodes, "seed": eval_seed, "episode_length": eval_episode_length,
@@ -724,6 +776,14 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     stage("demos", episodes=recorded["episodes"], seconds=recorded["seconds"], failures=len(recorded["failures"]))
     annotate(data_root, annotations_path, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
              history_noise=history_noise, progress=progress)
+    if driver is not None:
+        takeover = _record_takeover(task, out, driver, takeover_demos, takeover_steps, demo_seed=demo_seed + 1,
+                                    variation=variation, render_quality=render_quality, action_noise=action_noise,
+                                    processes=processes, seed=seed, visual_trace=visual_trace,
+                                    trace_points=trace_points, history_noise=history_noise, progress=progress)
+        _append_annotations(annotations_path, data_root, takeover["annotations"], out / TAKEOVER_DIR)
+        stage("takeover", episodes=takeover["episodes"], seconds=takeover["seconds"], failures=takeover["failures"],
+              samples=len(takeover["annotations"]))
     entries = load_annotations(annotations_path, data_root)
     stage("annotations", samples=len(entries))
 

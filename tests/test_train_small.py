@@ -221,6 +221,39 @@ def test_a_training_fitted_to_the_run_finishes_in_it(tmp_path):
     assert summary["eval"]["episodes"] == 1 and not (out / "training_state.pt").exists()
 
 
+def test_a_dagger_round_trains_on_demos_and_takeover_demos_driven_by_the_last_model(tmp_path):
+    """`driver` + `takeover_demos`: the earlier round's model drives the first steps of more
+    episodes (another demo seed), the expert finishes them; their samples join the annotation
+    file the training reads (images relative to the data root), the driven steps left out."""
+    from llarva_gym import recording
+
+    common = dict(size="toy", demos=2, batch_size=4, max_steps=2, visual_trace=True, trace_points=3, eval_episodes=0,
+                  progress=False)
+    first = tmp_path / "round1"
+    train_small(TASK, first, **common)
+    out = tmp_path / "round2"
+    summary = train_small(TASK, out, driver=str(first / MODEL_DIR), takeover_demos=2, takeover_steps=3, **common)
+    assert summary["options"]["driver"] == str(first / MODEL_DIR) and summary["stages"]["takeover"]["episodes"] == 2
+    takeover = episode_dirs(out / "takeover", TASK)
+    infos = [json.loads((folder / recording.EPISODE_INFO).read_text()) for folder in takeover]
+    assert all(info["driver"] == str((first / MODEL_DIR).resolve()) and info["seed"] == 1 for info in infos)
+    entries = load_annotations(out / "annotations.json", out / "data")
+    extra = [e for e in entries if e["image"].startswith("../takeover/")]
+    assert len(extra) == summary["stages"]["takeover"]["samples"] > 0
+    assert len(entries) == summary["stages"]["annotations"]["samples"] == len(extra) + sum(
+        len(load_demo(folder, load_images=False)) - 1 for folder in episode_dirs(out / "data", TASK))
+    assert len({e["id"] for e in entries}) == len(entries)
+    driven = {folder.name: recording.takeover_step(info["reset_seed"], 3) for folder, info in zip(takeover, infos)}
+    for entry in extra:       # no sample of a step the driver took
+        assert episode_step(entry) >= driven[Path(entry["image"]).parts[-3]]
+    assert summary["training"]["steps"] == 2
+
+    with pytest.raises(ValueError, match="driver and takeover_demos go together"):
+        train_small(TASK, tmp_path / "bad", takeover_demos=2, **common)
+    with pytest.raises(FileNotFoundError, match="driver: .* is not a model folder"):
+        train_small(TASK, tmp_path / "bad", driver=str(tmp_path / "nowhere"), takeover_demos=2, **common)
+
+
 def test_a_step_schedule_fitted_to_the_run_is_paused_not_cut(tmp_path):
     """`train_seconds=None` with `max_steps` (a repeat of an earlier run's schedule): a run that
     runs out of time before the last step leaves the training unfinished, to continue, rather
