@@ -9,6 +9,8 @@ prove itself on what it can produce itself, in one call that fits a few minutes 
 1. demos: `record_demos(task, demos, <out>/data, seed=demo_seed)`, the scripted expert on the
    embedded simulator, RLBench's on-disk layout (resumes where it stopped);
 2. annotations: `annotate(<out>/data, <out>/annotations.json, task, seed=seed)`, LLARVA's JSON;
+   in a DAgger round (`driver`), with the samples of expert-takeover demos driven by an earlier
+   round's model (`<out>/takeover`) added;
 3. tokenizer: `build_tokenizer(corpus_texts=...)`, a LLaMA-style BPE trained on the annotation
    conversations themselves (every digit its own token, as LLaMA's);
 4. model: LLaVA-1.5's architecture (CLIP ViT, two-layer GELU projector, Llama) from
@@ -44,6 +46,7 @@ to fill `train_seconds`, and the steps made are recorded in the summary; pass th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -620,10 +623,11 @@ def _record_takeover(task, out: Path, driver, episodes: int, steps: int, *, demo
     make_driver = functools.partial(LlarvaPolicy.from_pretrained, str(driver), constrained=True,
                                     with_visual_trace=bool(answers_with_trace))
     root = out / TAKEOVER_DIR
-    recorded = record_demos(task, episodes, root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
-                            seed=demo_seed, variation=variation, render_quality=render_quality,
-                            action_noise=action_noise, driver=make_driver, driver_steps=steps,
-                            driver_name=str(Path(driver).resolve()), progress=progress)
+    with _decoder_not_compiled():     # the recording processes inherit it
+        recorded = record_demos(task, episodes, root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
+                                seed=demo_seed, variation=variation, render_quality=render_quality,
+                                action_noise=action_noise, driver=make_driver, driver_steps=steps,
+                                driver_name=str(Path(driver).resolve()), progress=progress)
     annotations = out / "takeover_annotations.json"
     annotate(root, annotations, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
              history_noise=history_noise, progress=progress)
@@ -926,20 +930,26 @@ class LazyPolicy:
 
 
 def _evaluate(checkpoint, task, *, device=None, name=None, visual_trace: bool = False, **options) -> dict:
-    """`evaluate` for a checkpoint (LazyPolicy) or, with `checkpoint=None`, the scripted expert.
-
-    The fast decoder's `torch.compile` stays off unless asked for (LLARVA_FAST_COMPILE): it
-    compiles again for each batch size and cache length, which costs more than it saves for a
-    model this small, whose decode step CUDA graphs already make cheap.
-    """
+    """`evaluate` for a checkpoint (LazyPolicy) or, with `checkpoint=None`, the scripted expert,
+    the fast decoder not compiled (`_decoder_not_compiled`)."""
     from llarva_gym.evaluation import evaluate
-    from llarva_policy.generation import COMPILE_ENV
 
     policy = "expert" if checkpoint is None else LazyPolicy(checkpoint, device, name, visual_trace)
+    with _decoder_not_compiled():
+        return evaluate(policy, task, **options)
+
+
+@contextlib.contextmanager
+def _decoder_not_compiled():
+    """The fast decoder without `torch.compile` (LLARVA_FAST_COMPILE=0) unless the caller set it:
+    it compiles again for each batch size and cache length, which costs more than it saves for
+    a model this small, whose decode step CUDA graphs already make cheap."""
+    from llarva_policy.generation import COMPILE_ENV
+
     previous = os.environ.get(COMPILE_ENV)
     os.environ[COMPILE_ENV] = previous if previous is not None else "0"
     try:
-        return evaluate(policy, task, **options)
+        yield
     finally:
         if previous is None:
             del os.environ[COMPILE_ENV]
