@@ -260,7 +260,7 @@ def _first_attempt(existing: list[Path], settings: dict) -> int:
 def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("front",), depth: bool = False,
                  processes: int = 1, variation: int | None = None, seed: int = 0, progress: bool = True,
                  max_episode_steps: int | None = None, max_attempts: int | None = None,
-                 render_quality: str = "fast", action_noise: float = 0.0, driver=None, driver_steps: int = 10,
+                 render_quality: str = "fast", action_noise: float = 0.0, driver=None, driver_steps: int = 30,
                  driver_name: str | None = None) -> dict:
     """Record scripted-expert episodes of `task` until `<out>/<task>/all_variations/episodes` holds
     `episodes` of them (RLBench's layout, `task` resolved to RLBench's name); returns a summary.

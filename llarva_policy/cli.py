@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -49,9 +48,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--driver", default=None, metavar="CHECKPOINT",
                        help="expert takeover: this LLARVA checkpoint drives the first steps of each episode "
                             "(1..--driver-steps), then the expert finishes from where it left the arm")
-        p.add_argument("--driver-steps", type=int, default=10, help="the most steps the --driver takes")
-        p.add_argument("--driver-visual-trace", action="store_true",
-                       help="the --driver answers with a visual trace (as it was trained)")
+        p.add_argument("--driver-steps", type=int, default=30, help="the most steps the --driver takes")
+        p.add_argument("--driver-visual-trace", action=argparse.BooleanOptionalAction, default=None,
+                       help="whether the --driver answers with a visual trace (default: as its "
+                            "llarva_train_small.json says it was trained, else without)")
     elif command == "annotate":
         p.add_argument("--data", required=True, help="dataset root holding <task>/all_variations/episodes")
         p.add_argument("--out", required=True, help="annotation JSON to write")
@@ -181,10 +181,8 @@ def _run(command: str, args: argparse.Namespace) -> None:
         from llarva_gym.demos import record_demos
         driver = None
         if args.driver:
-            from llarva_policy.policy import LlarvaPolicy
-            # Each recording process loads its own copy; constrained decoding: every answer parses.
-            driver = functools.partial(LlarvaPolicy.from_pretrained, args.driver, constrained=True,
-                                       with_visual_trace=args.driver_visual_trace)
+            from llarva_policy.train_small import driver_loader
+            driver = driver_loader(args.driver, args.driver_visual_trace)
         for task in _csv(args.task):
             record_demos(task, args.episodes, args.out, image_size=args.image_size, cameras=args.cameras,
                          depth=args.depth, processes=args.processes, variation=args.variation, seed=args.seed,

@@ -609,19 +609,28 @@ def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root
     return data
 
 
+def driver_loader(checkpoint, visual_trace: bool | None = None, default_visual_trace: bool = False):
+    """A picklable callable that loads `checkpoint` as a constrained `LlarvaPolicy`, for
+    `record_demos(driver=...)` (each recording process loads its own). `visual_trace=None`: the
+    checkpoint answers as it was trained (its llarva_train_small.json), else `default_visual_trace`."""
+    from llarva_policy.policy import LlarvaPolicy
+
+    if visual_trace is None:
+        record = Path(checkpoint) / TRAINING_FILE
+        visual_trace = (bool(json.loads(record.read_text())["options"].get("visual_trace", False))
+                        if record.is_file() else default_visual_trace)
+    return functools.partial(LlarvaPolicy.from_pretrained, str(checkpoint), constrained=True,
+                             with_visual_trace=visual_trace)
+
+
 def _record_takeover(task, out: Path, driver, episodes: int, steps: int, *, demo_seed: int, variation,
                      render_quality: str, action_noise: float, processes: int, seed: int, visual_trace: bool,
                      trace_points: int, history_noise: float, progress: bool) -> dict:
     """Expert-takeover demos driven by `driver` into `<out>/takeover`, and their annotation entries."""
     from llarva_gym.recording import record_demos
     from llarva_policy.annotations import annotate
-    from llarva_policy.policy import LlarvaPolicy
 
-    record = Path(driver) / TRAINING_FILE     # the driver answers as it was trained: with a trace or without
-    answers_with_trace = (json.loads(record.read_text())["options"].get("visual_trace", False)
-                          if record.is_file() else visual_trace)
-    make_driver = functools.partial(LlarvaPolicy.from_pretrained, str(driver), constrained=True,
-                                    with_visual_trace=bool(answers_with_trace))
+    make_driver = driver_loader(driver, default_visual_trace=visual_trace)
     root = out / TAKEOVER_DIR
     with _decoder_not_compiled():     # the recording processes inherit it
         recorded = record_demos(task, episodes, root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,

@@ -40,6 +40,7 @@ from llarva_policy.train_small import (  # noqa: E402
     answer_loss,
     build_model,
     build_training_set,
+    driver_loader,
     encode_conversations,
     episode_step,
     format_summary,
@@ -247,6 +248,9 @@ def test_a_dagger_round_trains_on_demos_and_takeover_demos_driven_by_the_last_mo
     for entry in extra:       # no sample of a step the driver took
         assert episode_step(entry) >= driven[Path(entry["image"]).parts[-3]]
     assert summary["training"]["steps"] == 2
+    # The driver answered as it was trained: with a visual trace (its llarva_train_small.json says so).
+    assert driver_loader(first / MODEL_DIR).keywords["with_visual_trace"] is True
+    assert driver_loader(first / MODEL_DIR, visual_trace=False).keywords["with_visual_trace"] is False
 
     with pytest.raises(ValueError, match="driver and takeover_demos go together"):
         train_small(TASK, tmp_path / "bad", takeover_demos=2, **common)
