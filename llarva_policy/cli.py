@@ -159,6 +159,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--early-steps", type=int, default=5, help="see --early-weight")
         p.add_argument("--early-weight", type=int, default=1,
                        help="draw the first --early-steps steps of every episode this many times per epoch")
+        p.add_argument("--variation-weights", type=_positive_ints, default=None, metavar="W0,W1,...",
+                       help="draw the samples of variation v W_v times per epoch, one weight per variation "
+                            "(e.g. 3,1): where only word and image together decide the target "
+                            "(sweep_to_dustpan_of_size), uneven draws let the image alone predict it, "
+                            "so that a model trained from scratch starts to learn")
         p.add_argument("--driver", default=None, metavar="MODEL",
                        help="a DAgger round: an earlier round's model folder drives the first steps of "
                             "--takeover-demos more episodes, the expert finishes them; train on both sets")
@@ -250,6 +255,15 @@ def _seconds_or_fit(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds or 'fit', got {text!r}") from None
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+    """--variation-weights: comma-separated positive integers ("3,1")."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, one per variation "
+                                         f"(e.g. 3,1), got {text!r}")
+    return tuple(int(part) for part in parts)
 
 
 def main(argv: list[str] | None = None) -> None:

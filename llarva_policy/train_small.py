@@ -62,6 +62,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -587,6 +588,69 @@ def episode_step(entry: dict) -> int:
     return int(stem)
 
 
+_EPISODE_FOLDER = re.compile(r"episode\d+")
+
+
+def episode_variation(entry: dict, data_root, cache: dict | None = None) -> int:
+    """The variation of an annotation entry's episode: its folder's `variation_number.pkl`
+    (RLBench's layout: the image at `<episode folder>/front_rgb/<step>.png`, relative to
+    `data_root`, as are takeover entries' `../takeover/...`). `cache` (a dict, episode folder ->
+    variation, shared between calls) reads each episode's file once."""
+    from llarva_gym.demos import VARIATION_NUMBER_PICKLE, _load_variation_number
+
+    image = Path(entry.get("image", ""))
+    if not _EPISODE_FOLDER.fullmatch(image.parent.parent.name):
+        raise ValueError(f"annotation entry {entry.get('id')!r}: expected its image at "
+                         f".../episode<M>/front_rgb/<step>.png (RLBench's layout), got {entry.get('image')!r}")
+    folder = os.path.normpath(Path(data_root) / image.parent.parent)
+    if cache is not None and folder in cache:
+        return cache[folder]
+    variation = _load_variation_number(Path(folder) / VARIATION_NUMBER_PICKLE)
+    if cache is not None:
+        cache[folder] = variation
+    return variation
+
+
+def sample_repeats(entries, data_root, early_steps: int = 5, early_weight: int = 1,
+                   variation_weights: Sequence[int] | None = None) -> torch.Tensor | None:
+    """How many times each sample is drawn per epoch (`train_model`'s `repeats`): `early_weight`
+    for the first `early_steps` steps of an episode, times `variation_weights[v]` for a sample of
+    variation v (`episode_variation`); None when every sample would be drawn once."""
+    if early_weight == 1 and variation_weights is None:
+        return None
+    repeats = torch.ones(len(entries), dtype=torch.long)
+    if early_weight != 1:
+        steps = torch.tensor([episode_step(entry) for entry in entries], dtype=torch.long)
+        repeats = torch.where(steps < early_steps, early_weight, 1).long()
+    if variation_weights is not None:
+        cache: dict = {}
+        variations = [episode_variation(entry, data_root, cache) for entry in entries]
+        unweighted = sorted({v for v in variations if not 0 <= v < len(variation_weights)})
+        if unweighted:
+            raise ValueError(f"variation_weights: {len(variation_weights)} weights (variations 0.."
+                             f"{len(variation_weights) - 1}), but the demos hold variation(s) {unweighted}")
+        repeats = repeats * torch.tensor([variation_weights[v] for v in variations], dtype=torch.long)
+    return repeats
+
+
+def _check_variation_weights(variation_weights, task: str, variation) -> tuple[int, ...] | None:
+    """`variation_weights` as ints: one positive int per variation of `task`, and not with `variation`."""
+    from llarva_gym.registration import TASKS
+
+    if variation_weights is None:
+        return None
+    if variation is not None:
+        raise ValueError(f"variation_weights: weights the samples of each variation, so it cannot go with "
+                         f"variation={variation!r} (demos of that one variation only)")
+    count = TASKS[task]
+    weights = tuple(variation_weights) if isinstance(variation_weights, (list, tuple)) else None
+    if (weights is None or len(weights) != count
+            or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 1 for w in weights)):
+        raise ValueError(f"variation_weights (--variation-weights): expected {count} positive ints, one per "
+                         f"variation of {task} (e.g. 3,1 for a task of two), got {variation_weights!r}")
+    return tuple(int(w) for w in weights)
+
+
 def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root, tokenizer,
                          num_image_tokens: int, goal_points: str) -> TrainingSet:
     """`build_training_set`, stored in `cache` and reused while the annotations file, the
@@ -662,6 +726,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                 eval_seed: int = 0, eval_episode_length: int | None = None, expert_baseline: bool = True,
                 visual_trace: bool = False, trace_points: int = 10, history_noise: float = 0.0,
                 goal_weight: float = 1.0, goal_points: str = "last", action_noise: float = 0.0, early_steps: int = 5, early_weight: int = 1,
+                variation_weights: Sequence[int] | None = None,
                 compile: bool = False, deterministic: bool = True, render_quality: str = "fast", device=None,
                 driver=None, takeover_demos: int = 0, takeover_steps: int = 30,
                 export=None, isolate_evaluation: bool | None = None, progress: bool = True) -> dict:
@@ -688,7 +753,13 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     nothing the image does not);
     `early_weight`: the first `early_steps` steps of every episode are drawn `early_weight` times
     per epoch (an episode's first steps are where the image alone says where to go: the history
-    still holds the start pose); `compile`: `torch.compile` the model (`train_model`);
+    still holds the start pose); `variation_weights` (one positive int per variation of the task):
+    every sample of variation v is drawn `variation_weights[v]` times per epoch (times
+    `early_weight` for an early step). Where only the instruction and the image together say where
+    to go (sweep_to_dustpan_of_size: the side is the size word XOR the side the tall dustpan is
+    on), even draws leave each alone useless and a model trained from scratch learns neither;
+    uneven ones let the image predict the side most of the time, and the word then learns to flip it;
+    `compile`: `torch.compile` the model (`train_model`);
     `deterministic`: PyTorch's deterministic kernels (off: faster on CUDA, runs agree less closely);
     `render_quality`: the env's rendering for the demos and the evaluation ("high": shadows);
     `driver`, `takeover_demos`, `takeover_steps`: a DAgger round. `driver` (an earlier round's
@@ -728,6 +799,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     for name, value in (("early_steps", early_steps), ("early_weight", early_weight)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    variation_weights = _check_variation_weights(variation_weights, task, variation)
     if isinstance(takeover_demos, bool) or not isinstance(takeover_demos, int) or takeover_demos < 0:
         raise ValueError(f"takeover_demos: expected an int >= 0 (0: no takeover demos), got {takeover_demos!r}")
     if (driver is None) != (takeover_demos == 0):
@@ -761,6 +833,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         options["goal_points"] = goal_points
     if early_weight != 1:
         options.update(early_steps=early_steps, early_weight=early_weight)
+    if variation_weights is not None:
+        options["variation_weights"] = list(variation_weights)   # a list: compared with the JSON record
     if driver is not None:
         options.update(driver=str(driver), takeover_demos=takeover_demos, takeover_steps=takeover_steps)
     options.update({k: v for k, v in (("compile", compile), ("deterministic", deterministic)) if v != (k == "deterministic")})
@@ -820,10 +894,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                             "image_tokens": num_image_tokens, "vision": SHAPES[size][0], "text": SHAPES[size][1],
                             "tokens_per_sample_mean": round(float(data.lengths.float().mean()), 1),
                             "tokens_per_sample_max": int(data.lengths.max())}
-        repeats = None
-        if early_weight != 1:
-            steps = torch.tensor([episode_step(entry) for entry in entries])
-            repeats = torch.where(steps < early_steps, early_weight, 1)
+        repeats = sample_repeats(entries, data_root, early_steps, early_weight, variation_weights)
         # A run stopped by its budget left its state: continue it if it was trained with these options.
         state_path = out / STATE_FILE
         resume = torch.load(state_path, weights_only=True) if state_path.is_file() else None

@@ -23,6 +23,7 @@ from llarva_gym.demos import episode_dirs, load_demo  # noqa: E402
 from llarva_gym.recording import record_demos  # noqa: E402
 from llarva_policy import codec  # noqa: E402
 from llarva_policy.annotations import annotate  # noqa: E402
+from llarva_policy.cli import _parser as llarva_parser  # noqa: E402
 from llarva_policy.cli import main as llarva_main  # noqa: E402
 from llarva_policy.finetune import (  # noqa: E402
     IGNORE_INDEX,
@@ -37,21 +38,25 @@ from llarva_policy.train_small import (  # noqa: E402
     MODEL_DIR,
     TRAINING_FILE,
     ImageNormalizer,
+    _append_annotations,
     answer_loss,
     build_model,
     build_training_set,
     driver_loader,
     encode_conversations,
     episode_step,
+    episode_variation,
     format_summary,
     goal_span,
     learning_rate,
+    sample_repeats,
     save_checkpoint,
     train_model,
     train_small,
 )
 
 TASK = "reach_target"
+SWEEP = "sweep_to_dustpan_of_size"     # two variations: the tall dustpan, the short one
 CPU = torch.device("cpu")
 
 
@@ -62,6 +67,20 @@ def annotated(tmp_path_factory):
     record_demos(TASK, 2, root / "data", seed=0, progress=False)
     annotate(root / "data", root / "annotations.json", TASK, seed=0, progress=False)
     return root / "data", load_annotations(root / "annotations.json", root / "data")
+
+
+@pytest.fixture(scope="module")
+def two_variations(tmp_path_factory):
+    """One sweep_to_dustpan_of_size demo of each variation, laid out as a DAgger round lays out its
+    demos: variation 0 in `data/`, variation 1 in `takeover/`, one annotation file whose image
+    paths are relative to `data/` (`../takeover/...` for the second): (data root, entries)."""
+    root = tmp_path_factory.mktemp("two_variations")
+    for folder, variation in (("data", 0), ("takeover", 1)):
+        record_demos(SWEEP, 1, root / folder, seed=0, variation=variation, progress=False)
+        annotate(root / folder, root / f"{folder}.json", SWEEP, seed=0, progress=False)
+    _append_annotations(root / "data.json", root / "data",
+                        load_annotations(root / "takeover.json", root / "takeover"), root / "takeover")
+    return root / "data", load_annotations(root / "data.json", root / "data")
 
 
 def toy_model(entries, seed=0):
@@ -191,6 +210,7 @@ def test_a_run_stopped_by_its_budget_continues_when_rerun(tmp_path):
     assert (out / "training_state.pt").is_file() and (out / "training_set.pt").is_file()
     info = json.loads((out / MODEL_DIR / TRAINING_FILE).read_text())
     assert info["finished"] is False and info["options"]["early_weight"] == 4
+    assert "variation_weights" not in info["options"]     # recorded only when given
     entries = load_annotations(out / "annotations.json", out / "data")
     early = sum(episode_step(entry) < 3 for entry in entries)
     assert early == 6 and first["training"]["samples_per_epoch"] == len(entries) + 3 * early
@@ -475,3 +495,82 @@ def test_first_step_trace_benchmark_scores_a_checkpoint_on_held_out_scenes(tmp_p
     summary = report["summary"]
     assert summary["scenes"] == 2 and summary["within_10_px"] <= 2
     assert summary["median_error_px"] == pytest.approx(np.median([row["error_px"] for row in report["rows"]]), abs=0.06)
+
+
+def test_samples_are_drawn_by_their_variations_weight_times_the_early_weight(two_variations, tmp_path):
+    """`variation_weights[v]` per sample of variation v (read from its episode's
+    variation_number.pkl, takeover episodes included), times `early_weight` for its early steps."""
+    data_root, entries = two_variations
+    taken_over = [entry["image"].startswith("../takeover/") for entry in entries]
+    expected_variations = [int(t) for t in taken_over]
+    counts = [expected_variations.count(0), expected_variations.count(1)]
+    assert min(counts) > 3
+    cache = {}
+    assert [episode_variation(entry, data_root, cache) for entry in entries] == expected_variations
+    assert len(cache) == 2          # one read per episode folder
+
+    steps = [episode_step(entry) for entry in entries]
+    assert sorted(step for step in steps if step < 3) == [0, 0, 1, 1, 2, 2]
+    repeats = sample_repeats(entries, data_root, early_steps=3, early_weight=4, variation_weights=(3, 1))
+    assert repeats.tolist() == [(4 if step < 3 else 1) * (3, 1)[v] for step, v in zip(steps, expected_variations)]
+    assert sorted(set(repeats.tolist())) == [1, 3, 4, 12]
+    assert int(repeats.sum()) == 3 * (counts[0] + 3 * 3) + (counts[1] + 3 * 3)
+    assert sample_repeats(entries, data_root, variation_weights=[1, 5]).tolist() == [
+        (1, 5)[v] for v in expected_variations]
+    assert sample_repeats(entries, data_root, early_steps=3, early_weight=4).tolist() == [
+        4 if step < 3 else 1 for step in steps]
+    assert sample_repeats(entries, data_root, early_steps=3, early_weight=1) is None   # every sample once
+
+    with pytest.raises(ValueError, match=r"variation_weights: 1 weights .* variation\(s\) \[1\]"):
+        sample_repeats(entries, data_root, variation_weights=(3,))
+    with pytest.raises(ValueError, match="expected its image at .*episode<M>"):
+        episode_variation({"id": 7, "image": "front_rgb/3.png"}, data_root)
+    (tmp_path / "episode0" / "front_rgb").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="variation_number.pkl"):
+        episode_variation({"id": 7, "image": "episode0/front_rgb/3.png"}, tmp_path)
+
+
+def test_variation_weights_are_checked(tmp_path):
+    for weights in ((3,), (3, 1, 1), (3, 0), (3, -1), (3, 1.5), (True, 1), "3,1", 3):
+        with pytest.raises(ValueError, match=r"variation_weights \(--variation-weights\): expected 2 positive ints"):
+            train_small(SWEEP, tmp_path / "run", variation_weights=weights, eval_episodes=0, progress=False)
+    with pytest.raises(ValueError, match="variation_weights: .* cannot go with variation=0"):
+        train_small(SWEEP, tmp_path / "run", variation=0, variation_weights=(3, 1), eval_episodes=0, progress=False)
+    with pytest.raises(ValueError, match=r"--variation-weights\): expected 2 positive ints"):
+        llarva_main(["train-small", "--task", SWEEP, "--out", str(tmp_path / "run"), "--variation-weights", "3,1,1"])
+    assert not (tmp_path / "run").exists()        # checked before anything is recorded
+
+
+def test_cli_reads_variation_weights_as_ints(capsys):
+    parser = llarva_parser("train-small")
+    required = ["--task", SWEEP, "--out", "run"]
+    assert parser.parse_args(required + ["--variation-weights", "3,1"]).variation_weights == (3, 1)
+    assert parser.parse_args(required + ["--variation-weights", " 2, 7 ,1"]).variation_weights == (2, 7, 1)
+    assert parser.parse_args(required).variation_weights is None
+    for bad in ("3,0", "3,,1", "3;1", "", "-1,2", "1.5,1", "3,x", "3,1,"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(required + [f"--variation-weights={bad}"])
+        assert "argument --variation-weights: expected comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_a_run_with_variation_weights_draws_and_records_them(tmp_path):
+    """train_small draws each sample `sample_repeats` times per epoch and records the weights in its
+    options; the same run through the CLI ("3,1") matches them and reuses the finished model."""
+    out = tmp_path / "run"
+    summary = train_small(SWEEP, out, size="toy", demos=2, batch_size=4, max_steps=1, eval_episodes=0,
+                          early_steps=3, early_weight=2, variation_weights=(3, 1), progress=False)
+    assert summary["options"]["variation_weights"] == [3, 1]
+    episodes = [load_demo(folder, load_images=False) for folder in episode_dirs(out / "data", SWEEP)]
+    assert sorted(demo.variation_number for demo in episodes) == [0, 1]      # seed 0: one of each
+    # Each episode of n steps gives n - 1 samples, of which 3 early (drawn twice), all times its weight.
+    expected = sum((3, 1)[demo.variation_number] * (len(demo) - 1 + 3) for demo in episodes)
+    assert summary["training"]["samples_per_epoch"] == expected
+    assert summary["training"]["samples"] == sum(len(demo) - 1 for demo in episodes)
+    info = json.loads((out / MODEL_DIR / TRAINING_FILE).read_text())
+    assert info["finished"] is True and info["options"]["variation_weights"] == [3, 1]
+
+    llarva_main(["train-small", "--task", SWEEP, "--out", str(out), "--size", "toy", "--demos", "2",
+                 "--batch-size", "4", "--max-steps", "1", "--eval-episodes", "0", "--early-steps", "3",
+                 "--early-weight", "2", "--variation-weights", "3,1"])
+    rerun = json.loads((out / "summary.json").read_text())
+    assert "reused" in rerun["stages"]["training"] and rerun["options"] == summary["options"]
