@@ -20,8 +20,8 @@ COMMANDS = {
 
 # The learned policy the quickstart shows: a train-small model trained from random weights on 1,000
 # demos of one variation (models/README.md says how; benchmarks/results/train_small/*round7b* how it did).
-LEARNED_MODEL = Path(__file__).resolve().parent.parent / "models" / "sweep_to_dustpan_of_size_variation0"
-LEARNED_TASK, LEARNED_VARIATION = "sweep_to_dustpan_of_size", 0
+LEARNED_MODEL = Path(__file__).resolve().parent.parent / "models" / "sweep_to_dustpan_of_size"
+LEARNED_TASK, LEARNED_VARIATION = "sweep_to_dustpan_of_size", None    # None: drawn per episode
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -111,8 +111,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="every episode of this one variation (default: drawn per episode)")
         if command == "quickstart":
             p.add_argument("--learned-episodes", type=int, default=2,
-                           help=f"episodes of the shipped learned policy on {LEARNED_TASK}, variation "
-                                f"{LEARNED_VARIATION}, after the expert's (0: skip)")
+                           help=f"episodes of the shipped learned policy on {LEARNED_TASK} (both variations), "
+                                f"after the expert's (0: skip)")
     elif command == "train-small":
         p.add_argument("--task", required=True, help="RLBench task name or alias")
         p.add_argument("--out", required=True, help="run folder: demos, annotations, model/, eval/, summary.json")
@@ -238,7 +238,7 @@ def _quickstart_learned(args) -> None:
         return
     from llarva_policy.policy import LlarvaPolicy
     print(f"\nA learned policy: {LEARNED_MODEL.name} (trained from random weights by `llarva train-small`), "
-          f"{args.learned_episodes} episodes of {LEARNED_TASK}, variation {LEARNED_VARIATION}")
+          f"{args.learned_episodes} episodes of {LEARNED_TASK} (the variation drawn per episode)")
     policy = LlarvaPolicy.from_pretrained(LEARNED_MODEL, device=args.device, with_visual_trace=True, constrained=True)
     out = Path(args.results).parent if args.results else Path("outputs/quickstart")
     results = evaluate(policy, LEARNED_TASK, episodes=args.learned_episodes, num_envs=min(2, args.learned_episodes),
