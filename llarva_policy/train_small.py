@@ -68,6 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from llarva_policy import codec
@@ -231,6 +232,12 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
     template = codec.get_template(template)
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     eos = tokenizer.eos_token_id
+    # The Rust tokenizer itself, without the transformers wrapper's padded batch arrays (most of
+    # the time on a large set); a copy, so that no padding or truncation left set on the
+    # wrapper's one applies.
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
     encoded = []
     for begin in range(0, len(entries), chunk):
         texts, answer_starts, goals = [], [], []
@@ -240,26 +247,20 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
             answer_starts.append(codec.answer_span(question, answer, template=template)[0])
             goal = goal_span(answer, goal_points)
             goals.append((-1, -1) if goal is None else (answer_starts[-1] + goal[0], answer_starts[-1] + goal[1]))
-        batch = tokenizer(texts, return_offsets_mapping=True, padding=True, padding_side="right", return_tensors="np")
-        real = batch["attention_mask"].astype(bool)
-        offsets = batch["offset_mapping"]
-        reaches_answer = offsets[..., 1] > np.asarray(answer_starts)[:, None]
-        all_labels = np.where(real & reaches_answer, batch["input_ids"], IGNORE_INDEX)
-        goals = np.asarray(goals)
-        # A label is the next token: position i is weighted when the token at i + 1 overlaps the goal.
-        overlaps = (offsets[..., 0] < goals[:, 1:]) & (offsets[..., 1] > goals[:, :1]) & real
-        all_goal = np.zeros_like(overlaps)
-        all_goal[:, :-1] = overlaps[:, 1:]
-        for index, length in enumerate(real.sum(axis=1)):
-            ids = batch["input_ids"][index, :length].astype(np.int64)
-            labels = all_labels[index, :length]
+        for index, encoding in enumerate(backend.encode_batch(texts)):
+            ids = np.array(encoding.ids, dtype=np.int64)
+            offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+            labels = np.where(offsets[:, 1] > answer_starts[index], ids, IGNORE_INDEX)
             where = np.flatnonzero(ids == image_id)
             if len(where) != 1 or ids[-1] != eos or labels[-1] != eos:
                 raise ValueError(f"annotation entry {begin + index} (id {entries[begin + index].get('id')!r}): "
                                  f"expected one {image_token!r} in the question and the text to end with the "
                                  f"tokenizer's end-of-sequence token; text ends {texts[index][-40:]!r}")
+            # A label is the next token: position i is weighted when the token at i + 1 overlaps the goal.
+            start, end = goals[index]
+            goal = np.zeros(len(ids), dtype=bool)
+            goal[:-1] = ((offsets[:, 0] < end) & (offsets[:, 1] > start))[1:]
             k = where[0]
-            goal = all_goal[index, :length]
             ids = np.concatenate([ids[:k], np.full(num_image_tokens, image_id), ids[k + 1:]])
             labels = np.concatenate([labels[:k], np.full(num_image_tokens, IGNORE_INDEX), labels[k + 1:]])
             goal = np.concatenate([goal[:k], np.zeros(num_image_tokens, dtype=bool), goal[k + 1:]])

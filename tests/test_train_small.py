@@ -107,6 +107,10 @@ def test_samples_are_tokenized_as_finetune_tokenizes_them(annotated):
         # The loss reads the answer and its </s>, nothing of the prompt.
         answer = tokenizer.decode(ids[labels != IGNORE_INDEX], skip_special_tokens=False)
         assert answer.strip() == conversation_turns(entry)[1] + "</s>"
+    # Padding or truncation the tokenizer was last called with does not leak into the samples.
+    tokenizer(["a b c"] * 2, padding="max_length", truncation=True, max_length=8, padding_side="left")
+    again = encode_conversations(entries[:6], tokenizer, num_image_tokens=model.config.image_seq_length)
+    assert all((a == b).all() for first, second in zip(encoded, again) for a, b in zip(first, second))
 
 
 def test_images_are_normalised_as_the_clip_processor_does(annotated):
