@@ -526,7 +526,9 @@ def _load_image(path: Path, obs: Observation, camera: str, kind: str) -> np.ndar
     return decode_depth_rgb(pixels, *near_far)
 
 
-def _load_variation_number(path: Path) -> int:
+def load_variation_number(episode_dir) -> int:
+    """An episode's variation index, from its `variation_number.pkl` (without loading the demo)."""
+    path = Path(episode_dir) / VARIATION_NUMBER_PICKLE
     number = _load_restricted_pickle(path)
     if isinstance(number, bool) or not isinstance(number, (int, np.integer)):
         raise DemoFormatError(f"{path}: expected an int variation number, found {type(number).__name__}")
@@ -561,7 +563,7 @@ def load_demo(episode_dir, *, cameras: Sequence[str] = ("front",), image_kinds: 
     image_kinds = _check_names(image_kinds, STORED_IMAGE_KINDS, "image_kinds")
 
     demo = load_low_dim_pickle(episode_dir / LOW_DIM_PICKLE)
-    demo.variation_number = _load_variation_number(episode_dir / VARIATION_NUMBER_PICKLE)
+    demo.variation_number = load_variation_number(episode_dir)
     demo.variation_descriptions = _load_descriptions(episode_dir / VARIATION_DESCRIPTIONS_PICKLE)
     demo.episode_dir = episode_dir
     if load_images:

@@ -597,7 +597,7 @@ def episode_variation(entry: dict, data_root, cache: dict | None = None) -> int:
     (RLBench's layout: the image at `<episode folder>/front_rgb/<step>.png`, relative to
     `data_root`, as are takeover entries' `../takeover/...`). `cache` (a dict, episode folder ->
     variation, shared between calls) reads each episode's file once."""
-    from llarva_gym.demos import VARIATION_NUMBER_PICKLE, _load_variation_number
+    from llarva_gym.demos import load_variation_number
 
     image = Path(entry.get("image", ""))
     if not _EPISODE_FOLDER.fullmatch(image.parent.parent.name):
@@ -606,7 +606,7 @@ def episode_variation(entry: dict, data_root, cache: dict | None = None) -> int:
     folder = os.path.normpath(Path(data_root) / image.parent.parent)
     if cache is not None and folder in cache:
         return cache[folder]
-    variation = _load_variation_number(Path(folder) / VARIATION_NUMBER_PICKLE)
+    variation = load_variation_number(folder)
     if cache is not None:
         cache[folder] = variation
     return variation
