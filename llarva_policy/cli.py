@@ -18,8 +18,8 @@ COMMANDS = {
     "train-small": "demos, annotations, a small LLaVA trained from scratch, evaluation: the whole pipeline",
 }
 
-# The learned policy the quickstart shows: a train-small model trained from random weights on 1,000
-# demos of one variation (models/README.md says how; benchmarks/results/train_small/*round7b* how it did).
+# The learned policy the quickstart shows: a train-small model trained from random weights on 1,500
+# demos of both variations (models/README.md says how; benchmarks/results/train_small/*round9* how it did).
 LEARNED_MODEL = Path(__file__).resolve().parent.parent / "models" / "sweep_to_dustpan_of_size"
 LEARNED_TASK, LEARNED_VARIATION = "sweep_to_dustpan_of_size", None    # None: drawn per episode
 
