@@ -284,9 +284,15 @@ def load_images(paths, *, threads: int | None = None) -> np.ndarray:
 
 
 def build_training_set(entries, images_root, tokenizer, *, num_image_tokens: int, template=codec.TRAINING,
-                       pad_token_id: int, goal_points: str = "last") -> TrainingSet:
+                       pad_token_id: int, goal_points: str = "last", timings: dict | None = None) -> TrainingSet:
+    """All `entries` tokenized and padded, with their images; `timings`, if given, receives the
+    seconds each part took ("tokenize", "pad", "images", "pack")."""
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
     encoded = encode_conversations(entries, tokenizer, num_image_tokens=num_image_tokens, template=template,
                                    goal_points=goal_points)
+    timings["tokenize"] = round(time.perf_counter() - clock, 2)
+    clock = time.perf_counter()
     lengths = [len(ids) for ids, _, _ in encoded]
     input_ids = np.full((len(encoded), max(lengths)), pad_token_id, dtype=np.int64)
     labels = np.full((len(encoded), max(lengths)), IGNORE_INDEX, dtype=np.int64)
@@ -295,9 +301,15 @@ def build_training_set(entries, images_root, tokenizer, *, num_image_tokens: int
         input_ids[row, :len(ids)] = ids
         labels[row, :len(ids)] = row_labels
         goal[row, :len(ids)] = row_goal
+    timings["pad"] = round(time.perf_counter() - clock, 2)
+    clock = time.perf_counter()
     images = load_images([Path(images_root) / entry["image"] for entry in entries])
-    return TrainingSet(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.tensor(lengths),
+    timings["images"] = round(time.perf_counter() - clock, 2)
+    clock = time.perf_counter()
+    data = TrainingSet(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.tensor(lengths),
                        torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(goal))
+    timings["pack"] = round(time.perf_counter() - clock, 2)
+    return data
 
 
 class ImageNormalizer:
@@ -653,10 +665,11 @@ def _check_variation_weights(variation_weights, task: str, variation) -> tuple[i
 
 
 def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root, tokenizer,
-                         num_image_tokens: int, goal_points: str) -> TrainingSet:
+                         num_image_tokens: int, goal_points: str, timings: dict) -> TrainingSet:
     """`build_training_set`, stored in `cache` and reused while the annotations file, the
     tokenizer and `goal_points` are the same (a resumed run on the same machine skips a minute
-    of tokenizing)."""
+    of tokenizing). `timings` receives the seconds of each part."""
+    clock = time.perf_counter()
     digest = hashlib.sha256(annotations_path.read_bytes())
     digest.update(json.dumps([num_image_tokens, goal_points, sorted(tokenizer.get_vocab().items())]).encode())
     key = digest.hexdigest()
@@ -664,13 +677,16 @@ def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root
         try:
             stored = torch.load(cache, weights_only=True)
             if stored.get("key") == key:
+                timings["cache_read"] = round(time.perf_counter() - clock, 2)
                 return TrainingSet(*(stored[name] for name in TrainingSet.__dataclass_fields__))
         except Exception:    # a cache that cannot be read is rebuilt, not an error
             pass
     data = build_training_set(entries, data_root, tokenizer, num_image_tokens=num_image_tokens,
-                              pad_token_id=tokenizer.pad_token_id, goal_points=goal_points)
+                              pad_token_id=tokenizer.pad_token_id, goal_points=goal_points, timings=timings)
+    clock = time.perf_counter()
     _atomic_torch_save({"key": key, **{name: getattr(data, name) for name in TrainingSet.__dataclass_fields__}},
                        cache)
+    timings["cache_write"] = round(time.perf_counter() - clock, 2)
     return data
 
 
@@ -882,12 +898,16 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         summary["training"] = previous["training"]
         stage("training", reused=str(model_dir))
     else:
+        # Seconds of each part of this stage, in the summary: it is a quarter of a device call.
+        timings, clock = {}, time.perf_counter()
         texts = [codec.build_conversation_text(*conversation_turns(e)) for e in entries[:TOKENIZER_CORPUS]]
         tokenizer = build_tokenizer(corpus_texts=texts)
         model, processor = build_model(tokenizer, size, seed)
         num_image_tokens = model.config.image_seq_length
+        timings["tokenizer_and_model"] = round(time.perf_counter() - clock, 2)
         data = _cached_training_set(out / DATA_CACHE_FILE, annotations_path, entries, data_root, tokenizer,
-                                    num_image_tokens, goal_points)
+                                    num_image_tokens, goal_points, timings)
+        clock = time.perf_counter()
         normalize = ImageNormalizer(processor.image_processor, device)
         normalize.check(processor.image_processor, data.images[:4])
         parameters = sum(p.numel() for p in model.parameters())
@@ -903,8 +923,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
             resume = None
         # CUDA starts here, after the demo workers (which render with EGL) are done.
         summary["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        timings["rest"] = round(time.perf_counter() - clock, 2)
         stage("data", samples=len(data), device=str(device), parameters=parameters,
-              resumed_at_step=resume["step"] if resume else None)
+              resumed_at_step=resume["step"] if resume else None, seconds=timings)
 
         def on_checkpoint(model, log, state):
             info = {"options": options, "finished": log["stopped_by"] in ("time", "steps"), "training": log}

@@ -334,6 +334,10 @@ def test_recipe_end_to_end_at_toy_scale(tmp_path):
     assert summary["training"]["stopped_by"] == "steps" and summary["model"]["image_tokens"] == 16
     assert summary["eval"]["episodes"] == 1 and summary["eval"]["parse_errors"] == 0
     assert summary["expert"]["episodes"] == 1
+    # The data stage says where its time went (built, not read from a cache, on a first run).
+    assert {"tokenizer_and_model", "tokenize", "pad", "images", "pack", "cache_write", "rest"} == set(
+        summary["stages"]["data"]["seconds"])
+    assert all(seconds >= 0 for seconds in summary["stages"]["data"]["seconds"].values())
     results = json.loads((export / f"train_small_{TASK}_eval.json").read_text())
     expert = json.loads((export / f"train_small_{TASK}_expert.json").read_text())
     assert [r["reset_seed"] for r in results["episodes"]] == [r["reset_seed"] for r in expert["episodes"]]
