@@ -17,6 +17,9 @@ pytest.importorskip("transformers")
 import gymnasium as gym  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
+from tokenizers.models import WordLevel  # noqa: E402
+from tokenizers.pre_tokenizers import Whitespace  # noqa: E402
 
 import llarva_gym  # noqa: E402,F401
 from llarva_gym.demos import episode_dirs, load_demo  # noqa: E402
@@ -39,6 +42,7 @@ from llarva_policy.train_small import (  # noqa: E402
     TRAINING_FILE,
     ImageNormalizer,
     _append_annotations,
+    _first_token_ending_after,
     answer_loss,
     build_model,
     build_training_set,
@@ -111,6 +115,24 @@ def test_samples_are_tokenized_as_finetune_tokenizes_them(annotated):
     tokenizer(["a b c"] * 2, padding="max_length", truncation=True, max_length=8, padding_side="left")
     again = encode_conversations(entries[:6], tokenizer, num_image_tokens=model.config.image_seq_length)
     assert all((a == b).all() for first, second in zip(encoded, again) for a, b in zip(first, second))
+
+
+def test_the_first_token_ending_after_a_character_matches_the_offsets(annotated):
+    """The lookup that labels the answer and the goal agrees, at every character of a sample,
+    with reading every token's offsets; also for characters no token holds (a word-level
+    tokenizer that drops the spaces), where it falls back to the offsets."""
+    _, entries = annotated
+    tokenizer, _, _ = toy_model(entries)
+    text = codec.build_conversation_text(*conversation_turns(entries[0]))
+    words = Tokenizer(WordLevel({"[UNK]": 0, "pick": 1, "up": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = Whitespace()
+    for encoding, text in ((tokenizer.backend_tokenizer.encode(text), text),
+                           (words.encode("pick  up the  cup"), "pick  up the  cup")):
+        ends = [end for _, end in encoding.offsets]
+        for char in range(len(text)):
+            expected = next((i for i, end in enumerate(ends) if end > char), len(ends))
+            assert _first_token_ending_after(encoding, char) == expected, (text[char], char)
+    assert words.encode("pick  up").char_to_token(4) is None   # the fallback was taken
 
 
 def test_images_are_normalised_as_the_clip_processor_does(annotated):
