@@ -102,14 +102,23 @@ class Attempt:
 _worker: dict = {}   # this process's env and recording settings, made by _start_worker
 
 
-def _start_worker(settings: dict, folder: str, make_driver=None) -> None:
-    """Make this process's env (each process needs its own simulator and OpenGL context) and driver."""
+def _start_worker(settings: dict, folder: str, make_driver=None, torch_threads: int | None = None) -> None:
+    """Make this process's env (each process needs its own simulator and OpenGL context) and driver.
+    `torch_threads`: a driver running on torch uses that many threads (by default each process
+    would take one per core, and the recording processes would crowd each other out)."""
     import llarva_gym  # noqa: F401  (registers the llarva/ ids in a spawned process)
     env = gym.make(f"llarva/{settings['task']}", cameras=settings["cameras"], image_size=settings["image_size"],
                    depth=settings["depth"], variation=settings["variation"],
                    max_episode_steps=settings["max_episode_steps"], render_quality=settings["render_quality"])
-    _worker.update(env=env, expert=ScriptedExpert(env), settings=settings, folder=Path(folder),
-                   driver=make_driver() if make_driver is not None else None)
+    driver = make_driver() if make_driver is not None else None
+    if driver is not None and torch_threads:
+        try:
+            import torch
+        except ImportError:   # a driver that does not run on torch
+            pass
+        else:
+            torch.set_num_threads(torch_threads)
+    _worker.update(env=env, expert=ScriptedExpert(env), settings=settings, folder=Path(folder), driver=driver)
 
 
 def _stop_worker() -> None:
@@ -314,7 +323,8 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
             _start_worker(settings, str(folder), driver)
         elif missing:
             pool = ProcessPoolExecutor(min(processes, missing), mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_start_worker, initargs=(settings, str(folder), driver))
+                                       initializer=_start_worker,
+                                       initargs=(settings, str(folder), driver, max(1, (os.cpu_count() or 1) // processes)))
         # Keep as many attempts under way as there are episodes still missing (at most 2 per
         # process, so none waits for work): with a successful expert, none is wasted at the end.
         window = 1 if pool is None else 2 * processes

@@ -59,7 +59,7 @@ import re
 import shutil
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -281,15 +281,28 @@ def _first_token_ending_after(encoding, char: int) -> int:
     return next((i for i, end in enumerate(ends) if end > char), len(ends))
 
 
-def load_images(paths, *, threads: int | None = None) -> np.ndarray:
-    """(N, H, W, 3) uint8 RGB images (PNG decoding runs in threads: PIL releases the GIL there)."""
-    def read(path):
+def _read_images(paths) -> list[np.ndarray]:
+    images = []
+    for path in paths:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            images.append(np.asarray(image.convert("RGB")))
+    return images
 
-    threads = threads or min(16, os.cpu_count() or 1)
-    with ThreadPoolExecutor(threads) as pool:
-        images = list(pool.map(read, paths, chunksize=64))
+
+def load_images(paths, *, processes: int | None = None, chunk: int = 2048) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB images, decoded in `processes` forked processes (default: the CPU
+    count) where the platform forks, else in this one. Not threads: opening a PNG is mostly
+    Python (PIL parses its chunks under the GIL): on the 16-core GPU host, 16 threads took 44 s
+    for 92k images, three quarters of the data stage."""
+    paths = [str(path) for path in paths]
+    processes = processes or os.cpu_count() or 1
+    chunks = [paths[begin:begin + chunk] for begin in range(0, len(paths), chunk)]
+    if processes > 1 and len(chunks) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        with ProcessPoolExecutor(min(processes, len(chunks)), mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(_read_images, chunks))
+    else:
+        parts = [_read_images(part) for part in chunks]
+    images = [image for part in parts for image in part]
     shapes = {image.shape for image in images}
     if len(shapes) != 1:
         raise ValueError(f"images: expected one size for all front images, found {sorted(shapes)}")

@@ -2,6 +2,7 @@
 joint velocities from the stored start state, reproducibility (runs, processes), resume after an
 interruption or a hard kill, and the `llarva demos` command."""
 
+import functools
 import json
 import os
 import signal
@@ -333,6 +334,28 @@ def test_expert_takeover_records_the_drivers_steps_then_the_expert_recovering(tm
             record_demos("reach_target", 1, tmp_path / "bad", driver=SwingTheBase, **{**options, "driver_steps": bad})
     with pytest.raises(ValueError, match="driver: expected a callable"):
         record_demos("reach_target", 1, tmp_path / "bad", driver="runs/model", **options)
+
+
+class ReportsTorchThreads(SwingTheBase):
+    """A driver that writes, from each recording process, how many threads torch gives it."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=True):
+        import torch
+        (self.folder / str(os.getpid())).write_text(str(torch.get_num_threads()))
+        return super().predict(observation, state, episode_start, deterministic)
+
+
+def test_a_driver_on_torch_gets_its_share_of_the_cores_in_each_recording_process(tmp_path, monkeypatch):
+    # What torch would take in each spawned process if left alone (conftest sets 1 for the tests).
+    monkeypatch.setenv("OMP_NUM_THREADS", str(2 * (os.cpu_count() or 1) + 1))
+    (tmp_path / "threads").mkdir()
+    record_demos("reach_target", 2, tmp_path / "data", image_size=32, cameras=("front",), seed=0, progress=False,
+                 processes=2, driver=functools.partial(ReportsTorchThreads, tmp_path / "threads"), driver_steps=2)
+    reports = [int(f.read_text()) for f in (tmp_path / "threads").iterdir()]
+    assert reports and set(reports) == {max(1, (os.cpu_count() or 1) // 2)}   # not one per core each
 
 
 def test_llarva_demos_command_takes_a_checkpoint_as_driver(tmp_path):

@@ -53,6 +53,7 @@ from llarva_policy.train_small import (  # noqa: E402
     format_summary,
     goal_span,
     learning_rate,
+    load_images,
     sample_repeats,
     save_checkpoint,
     train_model,
@@ -133,6 +134,21 @@ def test_the_first_token_ending_after_a_character_matches_the_offsets(annotated)
             expected = next((i for i, end in enumerate(ends) if end > char), len(ends))
             assert _first_token_ending_after(encoding, char) == expected, (text[char], char)
     assert words.encode("pick  up").char_to_token(4) is None   # the fallback was taken
+
+
+def test_images_decoded_in_processes_are_the_files_in_order(annotated, tmp_path):
+    data_root, entries = annotated
+    paths = [data_root / entry["image"] for entry in entries[:10]]
+    expected = []
+    for path in paths:
+        with Image.open(path) as image:
+            expected.append(np.asarray(image.convert("RGB")))
+    in_processes = load_images(paths, processes=2, chunk=3)   # 4 chunks over 2 processes
+    assert in_processes.dtype == np.uint8 and (in_processes == np.stack(expected)).all()
+    assert (load_images(paths, processes=1) == in_processes).all()
+    Image.new("RGB", (20, 20)).save(tmp_path / "other.png")
+    with pytest.raises(ValueError, match="one size for all front images"):
+        load_images(paths + [tmp_path / "other.png"], processes=2, chunk=3)
 
 
 def test_images_are_normalised_as_the_clip_processor_does(annotated):
