@@ -513,6 +513,12 @@ def _read_png(path: Path, kind: str) -> np.ndarray:
         raise DemoFormatError(f"{path}: not a readable PNG ({type(exc).__name__}: {exc})") from exc
 
 
+def read_rgb_image(path) -> np.ndarray:
+    """The RGB PNG at `path` as an (H, W, 3) uint8 array (DemoFormatError names a file that
+    cannot be read)."""
+    return _read_png(Path(path), "rgb")
+
+
 def _load_image(path: Path, obs: Observation, camera: str, kind: str) -> np.ndarray:
     pixels = _read_png(path, kind)
     if kind == "rgb":

@@ -22,7 +22,7 @@ from tokenizers.models import WordLevel  # noqa: E402
 from tokenizers.pre_tokenizers import Whitespace  # noqa: E402
 
 import llarva_gym  # noqa: E402,F401
-from llarva_gym.demos import episode_dirs, load_demo  # noqa: E402
+from llarva_gym.demos import DemoFormatError, episode_dirs, load_demo  # noqa: E402
 from llarva_gym.recording import record_demos  # noqa: E402
 from llarva_policy import codec  # noqa: E402
 from llarva_policy.annotations import annotate  # noqa: E402
@@ -136,19 +136,21 @@ def test_the_first_token_ending_after_a_character_matches_the_offsets(annotated)
     assert words.encode("pick  up").char_to_token(4) is None   # the fallback was taken
 
 
-def test_images_decoded_in_processes_are_the_files_in_order(annotated, tmp_path):
+def test_images_are_the_files_in_order_and_a_bad_one_is_named(annotated, tmp_path):
     data_root, entries = annotated
     paths = [data_root / entry["image"] for entry in entries[:10]]
     expected = []
     for path in paths:
         with Image.open(path) as image:
             expected.append(np.asarray(image.convert("RGB")))
-    in_processes = load_images(paths, processes=2, chunk=3)   # 4 chunks over 2 processes
-    assert in_processes.dtype == np.uint8 and (in_processes == np.stack(expected)).all()
-    assert (load_images(paths, processes=1) == in_processes).all()
+    images = load_images(paths, threads=3)
+    assert images.dtype == np.uint8 and (images == np.stack(expected)).all()
     Image.new("RGB", (20, 20)).save(tmp_path / "other.png")
     with pytest.raises(ValueError, match="one size for all front images"):
-        load_images(paths + [tmp_path / "other.png"], processes=2, chunk=3)
+        load_images(paths + [tmp_path / "other.png"])
+    (tmp_path / "cut.png").write_bytes(paths[0].read_bytes()[:100])
+    with pytest.raises(DemoFormatError, match="cut.png: not a readable PNG"):
+        load_images(paths + [tmp_path / "cut.png"])
 
 
 def test_images_are_normalised_as_the_clip_processor_does(annotated):
