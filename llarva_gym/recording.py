@@ -34,6 +34,17 @@ episode shows the expert recovering from the states the policy itself reaches. T
 stay in the record (they are the history of what follows) and are marked
 `misc["policy_driven"]`; `annotate` makes no training sample of them.
 
+Batched takeover. A learned driver answers one observation at a time in each recording process,
+on its CPU: for a LLaVA model that is a whole generated answer per step. With
+`driver_num_envs=N` the main process instead drives the attempts first, all N at a time in a
+vector env, with one batched `predict` per step (on the GPU if the policy is there), and keeps
+each attempt's driven actions (`DrivenStart`); the recording processes then replay those actions
+from the same reset seed (`ReplayDriver`), which reaches the same states (the simulator is
+deterministic; the replay checks the joint positions at every driven step), and the expert takes
+over as before. The driven episodes are the driver's own, but a language model's answers can
+differ by float rounding with the batch they were computed in, so they are not bit-for-bit those
+of `driver_num_envs=None`.
+
 Processes. `processes=N` runs attempts in N worker processes (the "spawn" start method: a forked
 OpenGL context is not safe), each with its own env; results come back in attempt order and
 episodes are numbered in that order. A worker writes its successful attempt into a hidden staging
@@ -49,6 +60,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections import deque
@@ -64,7 +76,7 @@ from llarva_gym.action_modes import VELOCITY_LIMIT
 from llarva_gym.demos import Demo, episode_dirs, episode_path, episodes_dir, next_episode_index, save_demo
 from llarva_gym.expert import ScriptedExpert
 from llarva_gym.observation import ObservationConfig
-from llarva_gym.registration import TASKS, resolve_task
+from llarva_gym.registration import TASKS, make_vec, resolve_task
 
 EPISODE_INFO = "llarva_episode.json"   # how an episode was recorded; read on resume
 # Hidden folders an interrupted run may leave in the episodes folder: our staging folders
@@ -132,6 +144,86 @@ def takeover_step(reset_seed: int, driver_steps: int) -> int:
     return int(np.random.default_rng((reset_seed, 2)).integers(1, driver_steps + 1))
 
 
+@dataclass
+class DrivenStart:
+    """The driver's steps of one attempt, driven in a vector env, for a recording process to replay."""
+
+    actions: np.ndarray           # (k, 8) float32: the driver's action at steps 0..k-1
+    joint_positions: np.ndarray   # (k, 7) float32: the arm's joint positions each was chosen at
+
+
+class ReplayDivergedError(RuntimeError):
+    """A replay of driven steps did not reach the states they were driven from: not a failed
+    attempt but a mismatch between the driving and the recording envs, so it stops the run."""
+
+
+class ReplayDriver:
+    """A driver that replays a `DrivenStart`: its actions in order, after checking that the arm is
+    where it was when each was chosen (a mismatch means the env was made with other settings)."""
+
+    def __init__(self, driven: DrivenStart):
+        self.driven = driven
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=True):
+        step = 0 if state is None else state
+        if step >= len(self.driven.actions):
+            raise ReplayDivergedError(f"replay of the driven steps: asked for step {step}, but the driven episode ended "
+                               f"after {len(self.driven.actions)}; the replay left the driven states")
+        expected, found = self.driven.joint_positions[step], np.asarray(observation["joint_positions"])
+        if not np.allclose(found, expected, rtol=0.0, atol=1e-5):
+            raise ReplayDivergedError(f"replay of the driven steps: at step {step} the joint positions are {found.tolist()}, "
+                               f"the driver chose its action at {expected.tolist()}; the replaying env must be made "
+                               f"with the driving env's settings")
+        return self.driven.actions[step], step + 1
+
+
+def drive_attempts(envs, policy, seed: int, attempts, driver_steps: int, progress: bool = False) -> dict:
+    """Drive `attempts` (attempt indices of a run with `seed`) with `policy`, `envs.num_envs` at a
+    time in `envs` (a vector env with autoreset off, made as the recording env), each for
+    `takeover_step(reset_seed, driver_steps)` steps or until its episode ends. One batched
+    `predict` per step. Returns {attempt index: DrivenStart}."""
+    todo, driven = deque(attempts), {}
+    n = envs.num_envs
+    running: list[dict | None] = [None] * n
+    bar = tqdm(total=len(todo), desc="drive", unit="attempt", disable=not progress, dynamic_ncols=True)
+
+    def start_next(i: int):
+        """Reset sub-env i into the next attempt (with none left, into any state: it idles)."""
+        seeds = [None] * n
+        index = todo.popleft() if todo else None
+        if index is not None:
+            seeds[i] = attempt_seed(seed, index)
+            running[i] = {"index": index, "steps": takeover_step(seeds[i], driver_steps), "actions": [], "positions": []}
+        else:
+            running[i] = None
+        observation, _ = envs.reset(seed=seeds, options={"reset_mask": np.arange(n) == i})
+        return observation
+
+    try:
+        observation, _ = envs.reset(seed=seed)     # masked resets need every sub-env to hold an observation
+        for i in range(n):
+            observation = start_next(i)
+        episode_start, state = np.ones(n, dtype=bool), None
+        while any(attempt is not None for attempt in running):
+            actions, state = policy.predict(observation, state=state, episode_start=episode_start, deterministic=True)
+            actions = np.asarray(actions, dtype=np.float32)
+            for i, attempt in enumerate(running):
+                if attempt is not None:
+                    attempt["actions"].append(actions[i])
+                    attempt["positions"].append(np.asarray(observation["joint_positions"][i], dtype=np.float32))
+            observation, _, terminated, truncated, _ = envs.step(actions)
+            episode_start[:] = False
+            for i, attempt in enumerate(running):
+                if attempt is not None and (terminated[i] or truncated[i] or len(attempt["actions"]) == attempt["steps"]):
+                    driven[attempt["index"]] = DrivenStart(np.stack(attempt["actions"]), np.stack(attempt["positions"]))
+                    bar.update(1)
+                    observation = start_next(i)
+                    episode_start[i] = True
+    finally:
+        bar.close()
+    return driven
+
+
 def record_episode(env, expert, reset_seed: int, action_noise: float = 0.0, driver=None,
                    driver_steps: int = 0) -> tuple[Demo, dict]:
     """Run the expert for one episode from `env.reset(seed=reset_seed)`, keeping RLBench's record of
@@ -180,13 +272,17 @@ def perturb_joint_velocities(action: np.ndarray, scale: float, rng: np.random.Ge
     return np.r_[joints, action[7]].astype(np.float32)
 
 
-def _run_attempt(index: int) -> Attempt:
-    """Record attempt `index` with this process's env; stage it on disk if the expert succeeded."""
+def _run_attempt(index: int, driven: DrivenStart | None = None) -> Attempt:
+    """Record attempt `index` with this process's env (replaying `driven`, the driver's steps
+    computed in the main process, if given); stage it on disk if the expert succeeded."""
     settings, folder = _worker["settings"], _worker["folder"]
     reset_seed = attempt_seed(settings["seed"], index)
+    driver = ReplayDriver(driven) if driven is not None else _worker["driver"]
     try:
         demo, info = record_episode(_worker["env"], _worker["expert"], reset_seed, settings["action_noise"],
-                                    _worker["driver"], settings["driver_steps"])
+                                    driver, settings["driver_steps"])
+    except ReplayDivergedError:
+        raise
     except Exception as error:   # a simulator failure loses this attempt, not the run (as RLBench)
         return Attempt(index, reset_seed, 0, False, f"{type(error).__name__}: {error}")
     steps = len(demo) - 1
@@ -270,7 +366,7 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
                  processes: int = 1, variation: int | None = None, seed: int = 0, progress: bool = True,
                  max_episode_steps: int | None = None, max_attempts: int | None = None,
                  render_quality: str = "fast", action_noise: float = 0.0, driver=None, driver_steps: int = 30,
-                 driver_name: str | None = None) -> dict:
+                 driver_name: str | None = None, driver_num_envs: int | None = None) -> dict:
     """Record scripted-expert episodes of `task` until `<out>/<task>/all_variations/episodes` holds
     `episodes` of them (RLBench's layout, `task` resolved to RLBench's name); returns a summary.
 
@@ -287,10 +383,13 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
     no arguments that returns the policy (each worker process makes its own, so with
     `processes` > 1 it must pickle: a `functools.partial`, say), which drives at most
     `driver_steps` steps of each attempt; `driver_name` (default: its repr) identifies it in the
-    episodes' records, which a resumed run must match.
+    episodes' records, which a resumed run must match. `driver_num_envs=N`: the main process makes
+    the driver once and drives the attempts N at a time, batched, before the recording processes
+    replay them (module docstring); for a driver on a GPU.
 
     Summary: task, episodes_dir, episodes (in the folder now), episodes_written (by this call),
-    attempts, failures (list of {attempt, reason}), complete, seconds, demos_per_minute.
+    attempts, failures (list of {attempt, reason}), complete, seconds, demos_per_minute, and with
+    `driver_num_envs` driving_seconds (of seconds, those spent driving).
     """
     started = time.perf_counter()
     task = resolve_task(task)
@@ -302,6 +401,10 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
         raise ValueError(f"episodes: expected a non-negative int, got {episodes!r}")
     if isinstance(processes, bool) or not isinstance(processes, (int, np.integer)) or processes < 1:
         raise ValueError(f"processes: expected a positive int, got {processes!r}")
+    if driver_num_envs is not None and (isinstance(driver_num_envs, bool) or driver is None
+                                        or not isinstance(driver_num_envs, (int, np.integer)) or driver_num_envs < 1):
+        raise ValueError(f"driver_num_envs: expected None or, with a driver, a positive int (the attempts driven "
+                         f"at a time in the main process), got {driver_num_envs!r} with driver={driver!r}")
 
     folder = episodes_dir(out, task)
     folder.mkdir(parents=True, exist_ok=True)
@@ -317,8 +420,13 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
     written, failures, attempts = 0, [], 0
     bar = tqdm(total=episodes, initial=min(len(existing), episodes), desc=f"demos {task}", unit="demo",
                disable=not progress, dynamic_ncols=True)
-    pool = None
+    pool = driving = None
+    driven: dict[int, DrivenStart] = {}
     try:
+        if missing and driver_num_envs:
+            # The recording processes replay what the main process drove: they need no driver.
+            driving = _BatchedDriving(settings, driver, driver_num_envs, progress)
+            driver = None
         if missing and processes == 1:
             _start_worker(settings, str(folder), driver)
         elif missing:
@@ -331,8 +439,13 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
         under_way: deque = deque()
         while written < missing:
             while len(under_way) < min(window, missing - written) and next_attempt < attempt_limit:
-                under_way.append(_Done(_run_attempt(next_attempt)) if pool is None
-                                 else pool.submit(_run_attempt, next_attempt))
+                if driving is not None and next_attempt not in driven:
+                    # Drive every attempt still needed at once (one batch: all of them, at first).
+                    count = min(missing - written - len(under_way), attempt_limit - next_attempt)
+                    driven.update(driving.drive(range(next_attempt, next_attempt + count)))
+                start = driven.pop(next_attempt, None)
+                under_way.append(_Done(_run_attempt(next_attempt, start)) if pool is None
+                                 else pool.submit(_run_attempt, next_attempt, start))
                 next_attempt += 1
             if not under_way:
                 break
@@ -355,6 +468,8 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        if driving is not None:
+            driving.close()
         _stop_worker()
         _remove_leftovers(folder)   # the staged episodes of attempts no longer needed
 
@@ -363,15 +478,48 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
                "episodes_written": written, "attempts": attempts, "failures": failures,
                "complete": len(existing) + written >= episodes, "processes": int(processes),
                "seconds": round(seconds, 3), "demos_per_minute": round(60 * written / seconds, 2)}
+    if driving is not None:     # of `seconds`, those the batched driver took
+        summary["driving_seconds"] = round(driving.seconds, 3)
     if not summary["complete"]:
         warnings.warn(f"record_demos: {task}: stopped after {attempts} attempts ({len(failures)} failed) with "
                       f"{summary['episodes']} of {episodes} episodes; last failure: "
                       f"{failures[-1]['reason'] if failures else 'none'}. Rerun to continue "
                       f"(or raise max_attempts)", RuntimeWarning, stacklevel=2)
+    if progress and driving is not None:
+        tqdm.write(f"{task}: driving the attempts took {driving.seconds:.1f} s")
     if progress:
         tqdm.write(f"{task}: wrote {written} episodes ({summary['episodes']} in {folder}), {attempts} attempts, "
                    f"{len(failures)} failed, {seconds:.1f} s, {summary['demos_per_minute']:.1f} demos/min")
     return summary
+
+
+class _BatchedDriving:
+    """The driver and its vector env in the main process, for `drive_attempts`. The env workers
+    are forked before the driver is made (which may start CUDA), or spawned if CUDA runs already."""
+
+    def __init__(self, settings: dict, make_driver, num_envs: int, progress: bool):
+        torch = sys.modules.get("torch")
+        cuda_started = torch is not None and torch.cuda.is_initialized()
+        self.settings, self.progress, self.seconds = settings, progress, 0.0
+        self.envs = make_vec(f"llarva/{settings['task']}", num_envs, autoreset_mode=gym.vector.AutoresetMode.DISABLED,
+                             context="spawn" if cuda_started else "fork", cameras=settings["cameras"],
+                             image_size=settings["image_size"], depth=settings["depth"], variation=settings["variation"],
+                             max_episode_steps=settings["max_episode_steps"], render_quality=settings["render_quality"])
+        try:
+            self.policy = make_driver()
+        except BaseException:
+            self.envs.close()
+            raise
+
+    def drive(self, attempts) -> dict:
+        started = time.perf_counter()
+        driven = drive_attempts(self.envs, self.policy, self.settings["seed"], attempts, self.settings["driver_steps"],
+                                self.progress)
+        self.seconds += time.perf_counter() - started
+        return driven
+
+    def close(self) -> None:
+        self.envs.close()
 
 
 class _Done:

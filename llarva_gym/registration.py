@@ -29,15 +29,17 @@ def resolve_task(name: str) -> str:
 
 
 def make_vec(env_id: str, num_envs: int, *, asynchronous: bool = True,
-             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, **kwargs):
+             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, context: str = "fork", **kwargs):
     """A vector env for demos and evaluation: subprocess workers, same-step autoreset (as LeRobot,
     Meta-World and ManiSkill evaluate), and no shared memory, which cannot carry a Text space.
     Workers are forked, which is safe because the software renderer runs without helper threads
     (LP_NUM_THREADS=0, see backends/mujoco/__init__.py). `autoreset_mode=DISABLED` is for
-    callers that reset each finished sub-env themselves (evaluation: per-episode reset options)."""
+    callers that reset each finished sub-env themselves (evaluation: per-episode reset options).
+    `context="spawn"` for a process that has started CUDA: a child forked after that cannot make
+    an EGL context."""
     if num_envs == 1 or not asynchronous:
         return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **kwargs,
                             vector_kwargs={"autoreset_mode": autoreset_mode})
     return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="async", **kwargs,
                         vector_kwargs={"autoreset_mode": autoreset_mode,
-                                       "shared_memory": False, "context": "fork"})
+                                       "shared_memory": False, "context": context})

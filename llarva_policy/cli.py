@@ -49,6 +49,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="expert takeover: this LLARVA checkpoint drives the first steps of each episode "
                             "(1..--driver-steps), then the expert finishes from where it left the arm")
         p.add_argument("--driver-steps", type=int, default=30, help="the most steps the --driver takes")
+        p.add_argument("--driver-num-envs", type=int, default=None, metavar="N",
+                       help="drive N episodes at a time in this process, one batched answer per step (for a "
+                            "--driver on a GPU); the recording processes replay the driven steps (default: "
+                            "each recording process runs the driver itself)")
         p.add_argument("--driver-visual-trace", action=argparse.BooleanOptionalAction, default=None,
                        help="whether the --driver answers with a visual trace (default: as its "
                             "llarva_train_small.json says it was trained, else without)")
@@ -164,11 +168,15 @@ def _parser(command: str) -> argparse.ArgumentParser:
                             "(e.g. 3,1): where only word and image together decide the target "
                             "(sweep_to_dustpan_of_size), uneven draws let the image alone predict it, "
                             "so that a model trained from scratch starts to learn")
-        p.add_argument("--driver", default=None, metavar="MODEL",
+        p.add_argument("--driver", default=None, metavar="MODEL", action="append",
                        help="a DAgger round: an earlier round's model folder drives the first steps of "
-                            "--takeover-demos more episodes, the expert finishes them; train on both sets")
-        p.add_argument("--takeover-demos", type=int, default=0, help="expert-takeover demos driven by --driver")
+                            "--takeover-demos more episodes, the expert finishes them; train on both sets. "
+                            "Repeat it to aggregate rounds, oldest first (each drives --takeover-demos)")
+        p.add_argument("--takeover-demos", type=int, default=0, help="expert-takeover demos driven by each --driver")
         p.add_argument("--takeover-steps", type=int, default=30, help="the most steps --driver takes in each")
+        p.add_argument("--takeover-num-envs", type=int, default=None, metavar="N",
+                       help="takeover episodes driven at a time, batched in the main process (default: 32 on "
+                            "CUDA; 0: the driver runs in each recording process)")
         p.add_argument("--compile", action="store_true", help="torch.compile the model (faster on a GPU)")
         p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                        help="without PyTorch's deterministic kernels (faster on a GPU; runs agree less closely)")
@@ -192,7 +200,7 @@ def _run(command: str, args: argparse.Namespace) -> None:
             record_demos(task, args.episodes, args.out, image_size=args.image_size, cameras=args.cameras,
                          depth=args.depth, processes=args.processes, variation=args.variation, seed=args.seed,
                          render_quality=args.render_quality, action_noise=args.action_noise, driver=driver,
-                         driver_steps=args.driver_steps,
+                         driver_steps=args.driver_steps, driver_num_envs=args.driver_num_envs,
                          driver_name=str(Path(args.driver).resolve()) if args.driver else None)
     elif command == "annotate":
         from llarva_policy.annotations import annotate

@@ -9,8 +9,8 @@ prove itself on what it can produce itself, in one call that fits a few minutes 
 1. demos: `record_demos(task, demos, <out>/data, seed=demo_seed)`, the scripted expert on the
    embedded simulator, RLBench's on-disk layout (resumes where it stopped);
 2. annotations: `annotate(<out>/data, <out>/annotations.json, task, seed=seed)`, LLARVA's JSON;
-   in a DAgger round (`driver`), with the samples of expert-takeover demos driven by an earlier
-   round's model (`<out>/takeover`) added;
+   in a DAgger round (`driver`), with the samples of expert-takeover demos driven by earlier
+   rounds' models (`<out>/takeover`, `<out>/takeover1`, ...) added;
 3. tokenizer: `build_tokenizer(corpus_texts=...)`, a LLaMA-style BPE trained on the annotation
    conversations themselves (every digit its own token, as LLaMA's);
 4. model: LLaVA-1.5's architecture (CLIP ViT, two-layer GELU projector, Llama) from
@@ -718,24 +718,31 @@ def driver_loader(checkpoint, visual_trace: bool | None = None, default_visual_t
                              with_visual_trace=visual_trace)
 
 
-def _record_takeover(task, out: Path, driver, episodes: int, steps: int, *, demo_seed: int, variation,
-                     render_quality: str, action_noise: float, processes: int, seed: int, visual_trace: bool,
-                     trace_points: int, history_noise: float, progress: bool) -> dict:
-    """Expert-takeover demos driven by `driver` into `<out>/takeover`, and their annotation entries."""
+def takeover_folder(out: Path, k: int) -> Path:
+    """Where the takeover demos of the k-th driver go: `<out>/takeover`, `<out>/takeover1`, ..."""
+    return Path(out) / (TAKEOVER_DIR if k == 0 else f"{TAKEOVER_DIR}{k}")
+
+
+def _record_takeover(task, root: Path, driver, episodes: int, steps: int, *, demo_seed: int, variation,
+                     render_quality: str, action_noise: float, processes: int, num_envs: int | None, seed: int,
+                     visual_trace: bool, trace_points: int, history_noise: float, progress: bool) -> dict:
+    """Expert-takeover demos driven by `driver` into `root`, and their annotation entries.
+    `num_envs`: drive them that many at a time in this process (batched; on the GPU if there is
+    one), else (None) in each recording process."""
     from llarva_gym.recording import record_demos
     from llarva_policy.annotations import annotate
 
     make_driver = driver_loader(driver, default_visual_trace=visual_trace)
-    root = out / TAKEOVER_DIR
     with _decoder_not_compiled():     # the recording processes inherit it
         recorded = record_demos(task, episodes, root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
                                 seed=demo_seed, variation=variation, render_quality=render_quality,
                                 action_noise=action_noise, driver=make_driver, driver_steps=steps,
-                                driver_name=str(Path(driver).resolve()), progress=progress)
-    annotations = out / "takeover_annotations.json"
+                                driver_name=str(Path(driver).resolve()), driver_num_envs=num_envs, progress=progress)
+    annotations = root.with_name(f"{root.name}_annotations.json")
     annotate(root, annotations, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
              history_noise=history_noise, progress=progress)
     return {"episodes": recorded["episodes"], "seconds": recorded["seconds"], "failures": len(recorded["failures"]),
+            "driving_seconds": recorded.get("driving_seconds"),
             "annotations": load_annotations(annotations, root)}
 
 
@@ -759,7 +766,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                 goal_weight: float = 1.0, goal_points: str = "last", action_noise: float = 0.0, early_steps: int = 5, early_weight: int = 1,
                 variation_weights: Sequence[int] | None = None,
                 compile: bool = False, deterministic: bool = True, render_quality: str = "fast", device=None,
-                driver=None, takeover_demos: int = 0, takeover_steps: int = 30,
+                driver=None, takeover_demos: int = 0, takeover_steps: int = 30, takeover_num_envs: int | None = None,
                 export=None, isolate_evaluation: bool | None = None, progress: bool = True) -> dict:
     """Record demos, annotate, train a small LLaVA from scratch, evaluate it and the expert; returns the summary.
 
@@ -796,7 +803,14 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     `driver`, `takeover_demos`, `takeover_steps`: a DAgger round. `driver` (an earlier round's
     model folder) drives the first 1..`takeover_steps` steps of `takeover_demos` more episodes
     (demo seed `demo_seed + 1`, in `<out>/takeover`), the expert finishes each from where it finds
-    the arm (`record_demos(driver=...)`), and the model is trained from scratch on both sets;
+    the arm (`record_demos(driver=...)`), and the model is trained from scratch on both sets.
+    A list of model folders (the earlier rounds', oldest first) aggregates them, as DAgger does:
+    the k-th drives `takeover_demos` episodes of demo seed `demo_seed + 1 + k` into
+    `<out>/takeover` (k = 0), `<out>/takeover1`, ...; so a round that adds the last model to the
+    list, into the same `out`, reuses the takeover demos of the ones before. `takeover_num_envs`:
+    how many takeover episodes the driver drives at a time, batched in this process (None: 32 on
+    CUDA, where one batched answer costs about what one costs; 0: in each recording process, on
+    its CPU);
     `isolate_evaluation`: run each evaluation in a fresh process (default: when this process has
     started CUDA; see the evaluation step).
     """
@@ -833,12 +847,18 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     variation_weights = _check_variation_weights(variation_weights, task, variation)
     if isinstance(takeover_demos, bool) or not isinstance(takeover_demos, int) or takeover_demos < 0:
         raise ValueError(f"takeover_demos: expected an int >= 0 (0: no takeover demos), got {takeover_demos!r}")
-    if (driver is None) != (takeover_demos == 0):
-        raise ValueError(f"driver and takeover_demos go together: the model that drives the takeover demos and how "
+    drivers = [] if driver is None else [driver] if isinstance(driver, (str, os.PathLike)) else list(driver)
+    if bool(drivers) != (takeover_demos > 0):
+        raise ValueError(f"driver and takeover_demos go together: the model(s) that drive the takeover demos and how "
                          f"many to record (got driver={driver!r}, takeover_demos={takeover_demos!r})")
-    if driver is not None and not (Path(driver) / "config.json").is_file():
-        raise FileNotFoundError(f"driver: {driver} is not a model folder (no config.json); expected an earlier "
-                                f"round's <out>/model")
+    for folder in drivers:
+        if not (isinstance(folder, (str, os.PathLike)) and (Path(folder) / "config.json").is_file()):
+            raise FileNotFoundError(f"driver: {folder} is not a model folder (no config.json); expected an earlier "
+                                    f"round's <out>/model (or a list of them)")
+    if takeover_num_envs is not None and (isinstance(takeover_num_envs, bool) or not isinstance(takeover_num_envs, int)
+                                          or takeover_num_envs < 0):
+        raise ValueError(f"takeover_num_envs: expected None (32 on CUDA, else 0), 0 (drive in the recording "
+                         f"processes) or an int >= 1, got {takeover_num_envs!r}")
     if train_seconds is None and run_seconds is None:
         raise ValueError("train_seconds=None (train for what this run leaves) needs run_seconds, the run's budget")
     if train_seconds is not None and not train_seconds > 0:
@@ -866,8 +886,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         options.update(early_steps=early_steps, early_weight=early_weight)
     if variation_weights is not None:
         options["variation_weights"] = list(variation_weights)   # a list: compared with the JSON record
-    if driver is not None:
-        options.update(driver=str(driver), takeover_demos=takeover_demos, takeover_steps=takeover_steps)
+    if drivers:   # one driver: a str, as rounds before driver lists recorded it
+        options.update(driver=str(drivers[0]) if len(drivers) == 1 else [str(d) for d in drivers],
+                       takeover_demos=takeover_demos, takeover_steps=takeover_steps)
     options.update({k: v for k, v in (("compile", compile), ("deterministic", deterministic)) if v != (k == "deterministic")})
     summary = {"task": task, "options": options,
                "evaluation": {"episodes": eval_episodes, "seed": eval_seed, "episode_length": eval_episode_length,
@@ -894,14 +915,19 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     stage("demos", episodes=recorded["episodes"], seconds=recorded["seconds"], failures=len(recorded["failures"]))
     annotate(data_root, annotations_path, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
              history_noise=history_noise, progress=progress)
-    if driver is not None:
-        takeover = _record_takeover(task, out, driver, takeover_demos, takeover_steps, demo_seed=demo_seed + 1,
+    if takeover_num_envs is None:
+        takeover_num_envs = 32 if device.type == "cuda" else 0
+    for k, folder in enumerate(drivers):
+        root = takeover_folder(out, k)
+        takeover = _record_takeover(task, root, folder, takeover_demos, takeover_steps, demo_seed=demo_seed + 1 + k,
                                     variation=variation, render_quality=render_quality, action_noise=action_noise,
-                                    processes=processes, seed=seed, visual_trace=visual_trace,
-                                    trace_points=trace_points, history_noise=history_noise, progress=progress)
-        _append_annotations(annotations_path, data_root, takeover["annotations"], out / TAKEOVER_DIR)
-        stage("takeover", episodes=takeover["episodes"], seconds=takeover["seconds"], failures=takeover["failures"],
-              samples=len(takeover["annotations"]))
+                                    processes=processes, num_envs=takeover_num_envs or None, seed=seed,
+                                    visual_trace=visual_trace, trace_points=trace_points,
+                                    history_noise=history_noise, progress=progress)
+        _append_annotations(annotations_path, data_root, takeover["annotations"], root)
+        stage(root.name, driver=str(folder), episodes=takeover["episodes"], seconds=takeover["seconds"],
+              driving_seconds=takeover["driving_seconds"], failures=takeover["failures"],
+              samples=len(takeover["annotations"]), driven_at_a_time=takeover_num_envs)
     entries = load_annotations(annotations_path, data_root)
     stage("annotations", samples=len(entries))
 

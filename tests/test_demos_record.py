@@ -358,14 +358,64 @@ def test_a_driver_on_torch_gets_its_share_of_the_cores_in_each_recording_process
     assert reports and set(reports) == {max(1, (os.cpu_count() or 1) // 2)}   # not one per core each
 
 
-def test_llarva_demos_command_takes_a_checkpoint_as_driver(tmp_path):
+class SteerByJoints:
+    """A driver whose action depends on what it sees (joint positions; one or a batch of them), so
+    that each attempt's driven steps differ: a stand-in for a learned policy with a batched predict."""
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=True):
+        joints = np.asarray(observation["joint_positions"], dtype=np.float64)
+        velocities = np.clip(np.sin(7.0 * joints) + 0.3, -2.0, 2.0)
+        gripper = np.ones(joints.shape[:-1] + (1,))
+        return np.concatenate([velocities, gripper], axis=-1).astype(np.float32), state
+
+
+def test_batched_driving_then_replay_records_the_same_episodes_as_driving_in_each_process(tmp_path):
+    """`driver_num_envs`: the main process drives the attempts two at a time in a vector env, the
+    recording processes replay the driven actions and the expert takes over: byte for byte the
+    episodes that driving in the recording process gives, with a driver that answers the same
+    whatever its batch."""
+    options = dict(image_size=32, cameras=("front",), seed=3, progress=False, driver=SteerByJoints, driver_steps=6)
+    record_demos("reach_target", 3, tmp_path / "direct", **options)
+    summary = record_demos("reach_target", 3, tmp_path / "batched", processes=2, driver_num_envs=2, **options)
+    assert summary["complete"] and snapshot(tmp_path / "batched") == snapshot(tmp_path / "direct")
+    driven = [recording.takeover_step(info["reset_seed"], 6) for info in episode_info(tmp_path / "direct", "reach_target")]
+    assert len(set(driven)) > 1          # attempts of different lengths ran side by side
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="driver_num_envs"):
+            record_demos("reach_target", 1, tmp_path / "bad", driver_num_envs=bad, **options)
+    with pytest.raises(ValueError, match="driver_num_envs"):
+        record_demos("reach_target", 1, tmp_path / "bad", image_size=32, progress=False, driver_num_envs=2)
+
+
+def test_a_replay_that_leaves_the_driven_states_stops_the_run(tmp_path, monkeypatch):
+    """The recording process checks the joint positions at each replayed step: a mismatch (an env
+    made otherwise) is an error that names the step, not a quietly failed attempt."""
+    real_drive = recording.drive_attempts
+
+    def drive_elsewhere(*args, **kwargs):
+        driven = real_drive(*args, **kwargs)
+        for start in driven.values():
+            start.joint_positions[-1] += 0.01
+        return driven
+
+    monkeypatch.setattr(recording, "drive_attempts", drive_elsewhere)
+    with pytest.raises(recording.ReplayDivergedError, match=r"at step \d+ the joint positions"):
+        record_demos("reach_target", 1, tmp_path / "data", image_size=32, seed=0, progress=False,
+                     driver=SteerByJoints, driver_steps=4, driver_num_envs=1)
+    assert episode_dirs(tmp_path / "data", "reach_target") == []
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_llarva_demos_command_takes_a_checkpoint_as_driver(tmp_path, batched):
     """A LLARVA checkpoint (random weights, constrained answers) drives the first steps in two
-    spawned recording processes, each loading its own copy."""
+    spawned recording processes, each loading its own copy; or (`--driver-num-envs 2`) in the
+    main process, two episodes per batched answer, the recording processes replaying its steps."""
     from llarva_policy.model import make_random_llava
 
     checkpoint = make_random_llava(tmp_path / "tiny", size="tiny", seed=0)
     cli.main(["demos", "--task", "reach_target", "--episodes", "2", "--out", str(tmp_path / "data"),
-              "--image-size", "32", "--processes", "2", "--driver", str(checkpoint), "--driver-steps", "2"])
+              "--image-size", "32", "--processes", "2", "--driver", str(checkpoint), "--driver-steps", "2"]
+             + (["--driver-num-envs", "2"] if batched else []))
     infos = episode_info(tmp_path / "data", "reach_target")
     assert len(infos) == 2 and all(info["driver"] == str(Path(checkpoint).resolve()) for info in infos)
     for folder, info in zip(episode_dirs(tmp_path / "data", "reach_target"), infos):

@@ -6,6 +6,7 @@ annotated with `annotate`.
 
 import json
 from pathlib import Path
+import shutil
 import tarfile
 
 import numpy as np
@@ -316,8 +317,28 @@ def test_a_dagger_round_trains_on_demos_and_takeover_demos_driven_by_the_last_mo
     assert driver_loader(first / MODEL_DIR).keywords["with_visual_trace"] is True
     assert driver_loader(first / MODEL_DIR, visual_trace=False).keywords["with_visual_trace"] is False
 
+    # The next round into the same `out`, DAgger's aggregation: this round's model added to the
+    # list drives its own takeover demos (batched, two at a time in this process), the first
+    # driver's are reused as they are, and the model trains on all three sets.
+    previous = {path: path.read_bytes() for path in (out / "takeover").rglob("*") if path.is_file()}
+    shutil.copytree(out / MODEL_DIR, tmp_path / "round2_model")
+    summary = train_small(TASK, out, driver=[str(first / MODEL_DIR), str(tmp_path / "round2_model")],
+                          takeover_demos=2, takeover_steps=3, takeover_num_envs=2, **common)
+    assert summary["options"]["driver"] == [str(first / MODEL_DIR), str(tmp_path / "round2_model")]
+    assert {path: path.read_bytes() for path in (out / "takeover").rglob("*") if path.is_file()} == previous
+    assert summary["stages"]["takeover1"]["driven_at_a_time"] == 2
+    infos = [json.loads((folder / recording.EPISODE_INFO).read_text()) for folder in episode_dirs(out / "takeover1", TASK)]
+    assert len(infos) == 2 and all(info["seed"] == 2 and info["driver"] == str((tmp_path / "round2_model").resolve())
+                                   for info in infos)
+    entries = load_annotations(out / "annotations.json", out / "data")
+    assert sum(e["image"].startswith("../takeover1/") for e in entries) == summary["stages"]["takeover1"]["samples"] > 0
+    assert sum(e["image"].startswith("../takeover/") for e in entries) == len(extra)
+
     with pytest.raises(ValueError, match="driver and takeover_demos go together"):
         train_small(TASK, tmp_path / "bad", takeover_demos=2, **common)
+    with pytest.raises(ValueError, match="takeover_num_envs"):
+        train_small(TASK, tmp_path / "bad", driver=str(first / MODEL_DIR), takeover_demos=2, takeover_num_envs=-1,
+                    **common)
     with pytest.raises(FileNotFoundError, match="driver: .* is not a model folder"):
         train_small(TASK, tmp_path / "bad", driver=str(tmp_path / "nowhere"), takeover_demos=2, **common)
 
