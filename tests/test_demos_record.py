@@ -109,12 +109,12 @@ def test_same_seed_same_episodes_in_any_number_of_processes(tmp_path):
 def _fail_attempt_zero(real_run_attempt, interrupt_at=None):
     """_run_attempt with attempt 0 failing (so attempt indices and episode numbers differ) and,
     optionally, Ctrl-C while recording attempt `interrupt_at`."""
-    def run_attempt(index):
+    def run_attempt(index, driven=None):
         if index == 0:
             return recording.Attempt(index, recording.attempt_seed(0, 0), 0, False, "injected failure")
         if index == interrupt_at:
             raise KeyboardInterrupt
-        return real_run_attempt(index)
+        return real_run_attempt(index, driven)
     return run_attempt
 
 
@@ -208,7 +208,7 @@ def test_render_quality_high_changes_the_images_only_and_is_checked_on_resume(tm
 
 def test_failing_expert_stops_at_max_attempts_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(recording, "_run_attempt",
-                        lambda index: recording.Attempt(index, 0, 120, False, "no success within 120 steps"))
+                        lambda index, driven=None: recording.Attempt(index, 0, 120, False, "no success within 120 steps"))
     with pytest.warns(RuntimeWarning, match="0 of 2 episodes"):
         summary = record_demos("reach_target", 2, tmp_path, image_size=32, max_attempts=5, progress=False)
     assert not summary["complete"] and summary["attempts"] == 5 and len(summary["failures"]) == 5

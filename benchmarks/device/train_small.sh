@@ -14,6 +14,10 @@
 #   TRAIN_SECONDS=960 bash benchmarks/device/train_small.sh reach_target             # 3 calls in a row
 #   bash benchmarks/device/train_small.sh reach_target -- --max-steps 2900            # repeat a run step for step
 #   OUT=/tmp/out bash benchmarks/device/train_small.sh reach_target --toy              # CPU dry run, toy scale
+#   WORK=/tmp/dagger bash benchmarks/device/train_small.sh reach_target -- --variation 0 \
+#       --driver .r8/model --driver .r10/model --takeover-demos 400 --takeover-num-envs 64   # a DAgger round
+# (each --driver, an earlier round's model, drives 400 more episodes that the expert finishes,
+# batched on the GPU; the next round into the same WORK with one --driver more reuses them)
 #
 # The evaluation is not part of the GPU calls: `llarva eval` runs the checkpoint on any machine
 # (examples/train_small.md gives the commands; the rollouts are what costs time, not the model).
