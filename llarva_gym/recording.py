@@ -34,8 +34,8 @@ episode shows the expert recovering from the states the policy itself reaches. T
 stay in the record (they are the history of what follows) and are marked
 `misc["policy_driven"]`; `annotate` makes no training sample of them.
 
-Batched takeover. A learned driver answers one observation at a time in each recording process,
-on its CPU: for a LLaVA model that is a whole generated answer per step. With
+Batched takeover. A learned driver answers one observation at a time in each recording process:
+for a LLaVA model that is a whole generated answer per step. With
 `driver_num_envs=N` the main process instead drives the attempts first, all N at a time in a
 vector env, with one batched `predict` per step (on the GPU if the policy is there), and keeps
 each attempt's driven actions (`DrivenStart`); the recording processes then replay those actions
@@ -167,13 +167,13 @@ class ReplayDriver:
     def predict(self, observation, state=None, episode_start=None, deterministic=True):
         step = 0 if state is None else state
         if step >= len(self.driven.actions):
-            raise ReplayDivergedError(f"replay of the driven steps: asked for step {step}, but the driven episode ended "
-                               f"after {len(self.driven.actions)}; the replay left the driven states")
+            raise ReplayDivergedError(f"replay of the driven steps: asked for step {step}, but the driven episode "
+                                      f"ended after {len(self.driven.actions)}; the replay left the driven states")
         expected, found = self.driven.joint_positions[step], np.asarray(observation["joint_positions"])
         if not np.allclose(found, expected, rtol=0.0, atol=1e-5):
-            raise ReplayDivergedError(f"replay of the driven steps: at step {step} the joint positions are {found.tolist()}, "
-                               f"the driver chose its action at {expected.tolist()}; the replaying env must be made "
-                               f"with the driving env's settings")
+            raise ReplayDivergedError(f"replay of the driven steps: at step {step} the joint positions are "
+                                      f"{found.tolist()}, the driver chose its action at {expected.tolist()}; the "
+                                      f"replaying env must be made with the driving env's settings")
         return self.driven.actions[step], step + 1
 
 
