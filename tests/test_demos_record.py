@@ -422,3 +422,26 @@ def test_llarva_demos_command_takes_a_checkpoint_as_driver(tmp_path, batched):
         demo = load_demo(folder, load_images=False)
         driven = recording.takeover_step(info["reset_seed"], 2)
         assert [bool(obs.misc.get(recording.POLICY_STEP_KEY)) for obs in demo[1:driven + 2]] == [True] * driven + [False]
+
+
+def test_takeover_throughput_benchmark_compares_both_modes_on_the_same_attempts(tmp_path):
+    """benchmarks/takeover_throughput.py: the driver in each recording process, then batched, the
+    same takeover demos asked of both; the batched row's ratio is against the first row."""
+    import importlib.util
+
+    from llarva_policy.model import make_random_llava
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "takeover_throughput.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    checkpoint = make_random_llava(tmp_path / "tiny", size="tiny", seed=0)
+    out = tmp_path / "throughput.json"
+    result = benchmark.main(["--checkpoint", str(checkpoint), "--episodes", "2", "--processes", "2",
+                             "--num-envs", "2", "--driver-steps", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    processes, batched = result["rows"]
+    assert (processes["mode"], batched["mode"]) == ("processes", "batched 2")
+    assert processes["episodes"] == batched["episodes"] == 2
+    assert processes["driving_seconds"] is None and 0 < batched["driving_seconds"] < batched["seconds"]
+    assert batched["speedup_vs_processes"] == round(processes["seconds"] / batched["seconds"], 2)
