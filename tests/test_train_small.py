@@ -334,6 +334,12 @@ def test_a_dagger_round_trains_on_demos_and_takeover_demos_driven_by_the_last_mo
     assert sum(e["image"].startswith("../takeover1/") for e in entries) == summary["stages"]["takeover1"]["samples"] > 0
     assert sum(e["image"].startswith("../takeover/") for e in entries) == len(extra)
 
+    # The command line: --driver repeats, oldest first, into the same list.
+    from llarva_policy import cli
+    args = cli._parser("train-small").parse_args(["--task", TASK, "--out", "o", "--driver", "r8", "--driver", "r10",
+                                                  "--takeover-demos", "2", "--takeover-num-envs", "0"])
+    assert args.driver == ["r8", "r10"] and args.takeover_num_envs == 0
+
     with pytest.raises(ValueError, match="driver and takeover_demos go together"):
         train_small(TASK, tmp_path / "bad", takeover_demos=2, **common)
     with pytest.raises(ValueError, match="takeover_num_envs"):
