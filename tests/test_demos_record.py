@@ -424,17 +424,12 @@ def test_llarva_demos_command_takes_a_checkpoint_as_driver(tmp_path, batched):
         assert [bool(obs.misc.get(recording.POLICY_STEP_KEY)) for obs in demo[1:driven + 2]] == [True] * driven + [False]
 
 
-def test_takeover_throughput_benchmark_compares_both_modes_on_the_same_attempts(tmp_path):
+def test_takeover_throughput_benchmark_compares_both_modes_on_the_same_attempts(tmp_path, load_script):
     """benchmarks/takeover_throughput.py: the driver in each recording process, then batched, the
     same takeover demos asked of both; the batched row's ratio is against the first row."""
-    import importlib.util
-
     from llarva_policy.model import make_random_llava
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "takeover_throughput.py"
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmarks/takeover_throughput.py")
     checkpoint = make_random_llava(tmp_path / "tiny", size="tiny", seed=0)
     out = tmp_path / "throughput.json"
     result = benchmark.main(["--checkpoint", str(checkpoint), "--episodes", "2", "--processes", "2",

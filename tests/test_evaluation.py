@@ -230,18 +230,12 @@ def test_module_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(tmp_path):
+def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(tmp_path, load_script):
     """benchmarks/closed_loop_drift.py: a checkpoint drives; at each state it reaches, the expert's
     command from there and the tip's distance to its waypoint are recorded."""
-    import importlib.util
-    from pathlib import Path
-
     from llarva_policy.model import make_random_llava
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "closed_loop_drift.py"
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmarks/closed_loop_drift.py")
     checkpoint = make_random_llava(tmp_path / "tiny", size="tiny", seed=0)
     out = tmp_path / "drift.json"
     benchmark.main(["--task", "reach_target", "--checkpoint", str(checkpoint), "--episodes", "1", "--steps", "4",

@@ -462,11 +462,8 @@ def test_deepspeed_without_deepspeed_says_how_to_install_it(data, tiny_dir, tmp_
 
 # --- the throughput benchmark ------------------------------------------------------------------------
 
-def test_throughput_benchmark_runs_on_cpu(tmp_path, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("finetune_throughput", REPO / "benchmarks" / "finetune_throughput.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, benchmark)   # its dataclass looks itself up there
-    spec.loader.exec_module(benchmark)
+def test_throughput_benchmark_runs_on_cpu(tmp_path, capsys, load_script):
+    benchmark = load_script("benchmarks/finetune_throughput.py")
     results = tmp_path / "results.json"
     assert benchmark.main(["--size", "tiny", "--seq-len", "96", "--steps", "2", "--warmup", "1", "--lora-r", "8",
                            "--configs", "bs=2", "bs=2,gc=1,optim=adamw_torch_fused", "attn=flash_attention_2",

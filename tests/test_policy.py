@@ -347,27 +347,17 @@ def test_missing_or_broken_checkpoint_gives_a_clear_error(tiny_dir, tmp_path):
 
 # --- examples and the latency benchmark run as written ---------------------------------------------
 
-def load_script(relative_path):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parent.parent / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("script, expected", [
     ("examples/gym_loop.py", "success=False"),
     ("examples/sb3_evaluate_policy.py", "success rate over 2 episodes: 0.00"),
     ("examples/lerobot_style_loop.py", "successes: [False, False]"),
 ])
-def test_examples_run_on_a_tiny_random_model(script, expected, capsys):
+def test_examples_run_on_a_tiny_random_model(script, expected, capsys, load_script):
     load_script(script).main([])
     assert expected in capsys.readouterr().out
 
 
-def test_latency_benchmark_runs_on_cpu(tmp_path):
+def test_latency_benchmark_runs_on_cpu(tmp_path, load_script):
     import json
     benchmark = load_script("benchmarks/policy_latency.py")
     out = tmp_path / "latency.json"

@@ -544,14 +544,10 @@ def test_goal_weight_needs_a_trace_and_a_positive_number(tmp_path):
         train_small(TASK, tmp_path, visual_trace=True, goal_weight=5.0, goal_points="middle", progress=False)
 
 
-def test_first_step_trace_benchmark_scores_a_checkpoint_on_held_out_scenes(tmp_path):
+def test_first_step_trace_benchmark_scores_a_checkpoint_on_held_out_scenes(tmp_path, load_script):
     """benchmarks/first_step_trace.py: a toy checkpoint's step-0 trace against the demos' own, on
     scenes recorded with another seed; the trace length comes from the checkpoint's record."""
-    import importlib.util
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "first_step_trace.py"
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmarks/first_step_trace.py")
 
     # One variation (the diagnostic where the image alone decides): demos and scenes of it only.
     summary = train_small(TASK, tmp_path / "run", size="toy", demos=2, batch_size=4, max_steps=2, visual_trace=True,
