@@ -809,8 +809,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     `<out>/takeover` (k = 0), `<out>/takeover1`, ...; so a round that adds the last model to the
     list, into the same `out`, reuses the takeover demos of the ones before. `takeover_num_envs`:
     how many takeover episodes the driver drives at a time, batched in this process (None: 32 on
-    CUDA, where one batched answer costs about what one costs; 0: in each recording process, on
-    its CPU);
+    CUDA, where one batched answer costs about what one costs; 0: in each recording process, one
+    answer at a time);
     `isolate_evaluation`: run each evaluation in a fresh process (default: when this process has
     started CUDA; see the evaluation step).
     """
