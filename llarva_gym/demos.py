@@ -519,6 +519,19 @@ def read_rgb_image(path) -> np.ndarray:
     return _read_png(Path(path), "rgb")
 
 
+def read_rgb_images(paths, shape: tuple) -> np.ndarray:
+    """The RGB PNGs at `paths` stacked as an (N, *shape) uint8 array; ValueError names the first
+    file of another shape."""
+    pixels = np.empty((len(paths), *shape), np.uint8)
+    for i, path in enumerate(paths):
+        image = read_rgb_image(path)
+        if image.shape != tuple(shape):
+            raise ValueError(f"images: expected one size for all front images, found {tuple(shape)} and "
+                             f"{image.shape} ({path})")
+        pixels[i] = image
+    return pixels
+
+
 def _load_image(path: Path, obs: Observation, camera: str, kind: str) -> np.ndarray:
     pixels = _read_png(path, kind)
     if kind == "rgb":

@@ -144,14 +144,22 @@ def test_images_are_the_files_in_order_and_a_bad_one_is_named(annotated, tmp_pat
     for path in paths:
         with Image.open(path) as image:
             expected.append(np.asarray(image.convert("RGB")))
-    images = load_images(paths, threads=3)
-    assert images.dtype == np.uint8 and (images == np.stack(expected)).all()
+    # 600 paths make three blocks, so two worker processes decode most of them.
+    many = [paths[(i * 7) % 10] for i in range(600)]
+    many_expected = np.stack([expected[(i * 7) % 10] for i in range(600)])
+    for processes in (1, 2):
+        images = load_images(many, processes=processes)
+        assert images.dtype == np.uint8 and (images == many_expected).all()
+    assert (load_images(paths) == np.stack(expected)).all()
     Image.new("RGB", (20, 20)).save(tmp_path / "other.png")
-    with pytest.raises(ValueError, match="one size for all front images"):
-        load_images(paths + [tmp_path / "other.png"])
     (tmp_path / "cut.png").write_bytes(paths[0].read_bytes()[:100])
-    with pytest.raises(DemoFormatError, match="cut.png: not a readable PNG"):
-        load_images(paths + [tmp_path / "cut.png"])
+    for processes in (1, 2):    # the bad file falls in a worker's block
+        with pytest.raises(ValueError, match="one size for all front images.*other.png"):
+            load_images(many[:500] + [tmp_path / "other.png"] + many[500:], processes=processes)
+        with pytest.raises(DemoFormatError, match="cut.png: not a readable PNG"):
+            load_images(many[:500] + [tmp_path / "cut.png"] + many[500:], processes=processes)
+    with pytest.raises(ValueError, match="no image paths"):
+        load_images([])
 
 
 def test_images_are_normalised_as_the_clip_processor_does(annotated):
