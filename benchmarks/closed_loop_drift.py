@@ -16,9 +16,6 @@ benchmarks/results/closed_loop_drift_<task>.json), rewritten atomically after ev
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import gymnasium as gym
@@ -27,6 +24,7 @@ import numpy as np
 import llarva_gym  # noqa: F401  (registers the llarva/ ids)
 from llarva_gym.evaluation import episode_reset_seed
 from llarva_gym.expert import WaypointFollower
+from llarva_gym.files import write_json_atomic
 from llarva_policy import LlarvaPolicy
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -85,11 +83,7 @@ def main(argv=None):
         summary = record["episodes"][-1]
         print(f"episode {index}: first negative cosine at step {summary['first_negative_cosine_step']}, "
               f"closest {summary['closest_m']:.3f} m")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(record, handle, indent=1)
-        os.chmod(handle.name, 0o644)    # a temporary file is private; the results are not
-        os.replace(handle.name, out)
+        write_json_atomic(out, record)
     env.close()
 
 

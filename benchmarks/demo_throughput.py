@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from llarva_gym.demos import episode_dirs
+from llarva_gym.files import write_json_atomic
 from llarva_gym.recording import EPISODE_INFO, record_demos
 
 
@@ -81,10 +82,7 @@ def main(argv=None) -> dict:
                           "python": platform.python_version(), "mujoco_gl": os.environ.get("MUJOCO_GL")},
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(out, result, indent=2)
     print(f"wrote {out}")
     return result
 

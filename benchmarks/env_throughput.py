@@ -7,7 +7,6 @@ the front 128x128 RGB camera alone, and all five cameras with depth.
 """
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import llarva_gym
+from llarva_gym.files import write_json_atomic
 
 ALL_CAMERAS = ("front", "left_shoulder", "right_shoulder", "overhead", "wrist")
 SETTINGS = {"front_rgb": {"cameras": ("front",)}, "5cams_rgb_depth": {"cameras": ALL_CAMERAS, "depth": True}}
@@ -84,9 +84,7 @@ def main():
     report = {"machine": {"cpus": len(cores), "platform": platform.platform(),
                           "mujoco_gl": os.environ.get("MUJOCO_GL")},
               "image_size": [128, 128], "steps": args.steps, "rows": rows}
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, report, indent=2)
     print(f"\nwrote {out}")
 
 

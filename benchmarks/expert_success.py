@@ -5,8 +5,6 @@ i mod count). Issue target: at least 48 of 50 per task.
 """
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from tqdm import tqdm
 
 import llarva_gym
 from llarva_gym import ScriptedExpert
+from llarva_gym.files import write_json_atomic
 
 
 def run_task(task, episodes, seed):
@@ -51,10 +50,7 @@ def main():
     for row in rows:
         print(f"| {row['task']} | {row['variations']} | {row['successes']}/{row['episodes']} | {row['steps_per_s_with_expert']} |")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"seed": args.seed, "rows": rows}, indent=2))
-    os.replace(tmp, out)
+    write_json_atomic(out, {"seed": args.seed, "rows": rows}, indent=2)
     print(f"\nwrote {out}")
 
 

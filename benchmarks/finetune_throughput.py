@@ -29,17 +29,15 @@ import argparse
 import dataclasses
 import gc
 import importlib.util
-import json
-import os
 import platform
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from llarva_gym.files import write_json_atomic
 from llarva_policy.finetune import parameter_groups, prepare_for_training
 from llarva_policy.model import build_tokenizer, tiny_llava_config
 
@@ -204,14 +202,6 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def write_json_atomic(path: Path, content) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(content, handle, indent=2)
-    os.replace(temp, path)
 
 
 def format_table(rows: list[dict]) -> str:

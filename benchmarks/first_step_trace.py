@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from llarva_gym.demos import episode_dirs, load_demo
+from llarva_gym.files import write_json_atomic
 from llarva_gym.recording import record_demos
 from llarva_policy import LlarvaPolicy
 from llarva_policy.annotations import end_effector_trace
@@ -95,10 +95,7 @@ def main(argv=None) -> dict:
             print(f"{scene:>5}  {instruction:<44} {str(true[-1].tolist()):>10} {str(predicted[-1].tolist()):>10} "
                   f"{error:>9.1f}", flush=True)
             report["summary"] = summarize(report["rows"])
-            out.parent.mkdir(parents=True, exist_ok=True)
-            temp = out.with_name(f".{out.name}.tmp")
-            temp.write_text(json.dumps(report, indent=1) + "\n")
-            os.replace(temp, out)
+            write_json_atomic(out, report)
     summary = report["summary"]
     print(f"\nend point: median error {summary['median_error_px']} px, {summary['within_10_px']}/{summary['scenes']} "
           f"within 10 px; baselines: mean {summary['baseline_mean_median_px']} px, "

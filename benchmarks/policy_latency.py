@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ from transformers import AutoModelForImageTextToText, LlavaProcessor, LogitsProc
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from llarva_gym.action_modes import JOINT_LOWER, JOINT_UPPER
+from llarva_gym.files import write_json_atomic
 from llarva_policy.generation import generate_text
 from llarva_policy.model import (IMAGE_TOKEN, LoadedLlava, build_tokenizer, resolve_device, resolve_dtype,
                                  tiny_llava_config)
@@ -188,10 +188,7 @@ def main(argv=None) -> dict:
             print(f"{method:>6} {batch:>5} {row['prompt_tokens']:>6} {row['seconds_per_step']:>8.4f} "
                   f"{row['seconds_per_action']:>9.4f} {row['actions_per_second']:>9.2f} "
                   f"{row['new_tokens_per_second']:>9.1f} {row['preprocess_seconds']:>7.4f}")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
-            os.replace(tmp, out)     # after every row: a long GPU run that dies keeps what it measured
+            write_json_atomic(out, report, indent=2)   # after every row: a GPU run that dies keeps what it measured
     print(f"wrote {out}")
     return report
 

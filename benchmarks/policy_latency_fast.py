@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -53,6 +52,7 @@ import transformers
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
+from llarva_gym.files import write_json_atomic
 from llarva_policy import codec
 from llarva_policy.generation import FastGenerator, action_grammar_for
 from llarva_policy.model import IMAGE_TOKEN, LoadedLlava, build_tokenizer, resolve_dtype, tiny_llava_config
@@ -147,13 +147,6 @@ def sanity_check(device: torch.device, new_tokens: int) -> dict:
     return report
 
 
-def write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(result, indent=2))
-    os.replace(temporary, path)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="7b", choices=("tiny", "small", "7b"))
@@ -208,7 +201,7 @@ def main(argv=None) -> dict:
 
     def record(row):
         result["rows"].append(row)
-        write_json(out, result)
+        write_json_atomic(out, result, indent=2)
         shown = {k: v for k, v in row.items() if k not in ("method", "batch", "example")}
         print(f"  {row['method']:<38} batch {row['batch']:>3}: {shown}")
 
@@ -216,7 +209,7 @@ def main(argv=None) -> dict:
         message = f"{what}: {type(err).__name__}: {err}"
         print(f"  FAILED {message}")
         result["errors"].append({"what": what, "error": message, "traceback": traceback.format_exc()[-3000:]})
-        write_json(out, result)
+        write_json_atomic(out, result, indent=2)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -226,7 +219,7 @@ def main(argv=None) -> dict:
             print(f"check (tiny float32 on {device}): {result['sanity_check']}")
         except Exception as err:   # noqa: BLE001
             record_error("sanity check", err)
-        write_json(out, result)
+        write_json_atomic(out, result, indent=2)
 
     new_tokens = args.new_tokens
     inputs_by_batch, hf_by_batch, fast_by_batch = {}, {}, {}
@@ -342,7 +335,7 @@ def main(argv=None) -> dict:
 
     print_table(result)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
-    write_json(out, result)
+    write_json_atomic(out, result, indent=2)
     print(f"\nwrote {out} ({result['total_seconds']} s in all)")
     return result
 

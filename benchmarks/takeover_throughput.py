@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from llarva_gym.demos import episode_dirs
+from llarva_gym.files import write_json_atomic
 from llarva_gym.recording import EPISODE_INFO, record_demos
 from llarva_policy.train_small import IMAGE_SIZE, driver_loader
 
@@ -84,10 +85,7 @@ def main(argv=None) -> dict:
                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out = Path(args.out or Path(__file__).parent / "results" / f"takeover_throughput_{args.task}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json_atomic(out, result, indent=2)
     print(f"wrote {out}")
     return result
 

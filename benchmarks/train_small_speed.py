@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from llarva_gym.files import write_json_atomic
 from llarva_policy import train_small
 from llarva_policy.model import build_tokenizer, resolve_device
 
@@ -109,10 +110,7 @@ def main(argv=None) -> dict:
             row["samples_ratio_vs_first"] = round(row["samples_per_second"] / baseline["samples_per_second"], 2)
         report["rows"].append(row)
         print(json.dumps(row), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temp = out.with_name(f".{out.name}.tmp")
-        temp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(temp, out)
+        write_json_atomic(out, report)
     print(f"\n{'setting':<32} {'steps/s':>8} {'samples/s':>10} {'vs first':>9}")
     for row in report["rows"]:
         name = ",".join(f"{k}={row[k]}" for k in ("bs", "det", "compile", "size"))

@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from llarva_gym.expert import ScriptedExpert
-from llarva_gym.registration import TASKS, make_vec, resolve_task
+from llarva_gym.files import write_json_atomic
+from llarva_gym.registration import make_vec, resolve_task
 
 VIDEO_FPS = 20            # one frame per control step of 0.05 s
 # Evaluation episode i resets with a seed derived from (seed, i, _EVAL_STREAM). The stream number
@@ -203,7 +204,7 @@ def _finish(episode: _Episode, success: bool, refused, results: dict, results_pa
     results["episodes"] = sorted(results["episodes"] + [record], key=lambda r: r["index"])
     results["summary"] = _summary(results["episodes"])
     if results_path is not None:
-        _write_json_atomically(results, Path(results_path))
+        write_json_atomic(results_path, results)
 
 
 def _summary(records: list[dict]) -> dict:
@@ -251,18 +252,6 @@ def _load_results(results_path, run: dict) -> dict:
         raise ValueError(f"results_path: {path} holds the results of another run ({listing}); "
                          "pass another path to keep both, or delete it to start over")
     return {**fresh, "episodes": records, "summary": _summary(records)}
-
-
-def _write_json_atomically(data: dict, path: Path) -> None:
-    # A crash mid-write leaves the hidden temp file, never a truncated results file; it is never read.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as file:
-        json.dump(data, file, indent=1)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
 
 
 # --- video -------------------------------------------------------------------------------------------

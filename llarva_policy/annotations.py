@@ -17,11 +17,9 @@ effector's future path in the front image (see `end_effector_trace`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import posixpath
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from llarva_gym.demos import episode_dirs, load_demo
+from llarva_gym.files import write_json_atomic
 from llarva_gym.recording import EXPERT_ACTION_KEY, POLICY_STEP_KEY
 from llarva_policy import codec
 
@@ -182,17 +181,5 @@ def annotate(data_root: str | os.PathLike, out_json: str | os.PathLike, task: st
     if shuffle:
         entries = [entries[i] for i in shuffle_rng.permutation(len(entries))]
 
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_path = tempfile.mkstemp(dir=out_json.parent, prefix=f".{out_json.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as temp:
-            json.dump(entries, temp, indent=2)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.chmod(temp_path, 0o644)   # mkstemp makes it private to us; an annotation file is not
-        os.replace(temp_path, out_json)
-    except BaseException:
-        Path(temp_path).unlink(missing_ok=True)
-        raise
+    write_json_atomic(out_json, entries)
     return len(entries)

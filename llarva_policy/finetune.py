@@ -40,19 +40,19 @@ import os
 import re
 import resource
 import shutil
-import tempfile
 import time
 import uuid
 import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from llarva_gym.files import write_json_atomic
 from llarva_policy import codec
 from llarva_policy.model import load_llava
 
@@ -357,21 +357,6 @@ def count_parameters(model) -> tuple[int, int]:
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def _write_json_atomic(path: Path, content: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            json.dump(content, handle, indent=2, default=str)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _checkpoints(output: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every checkpoint-N folder in `output`, oldest first."""
     if not output.is_dir():
@@ -478,7 +463,7 @@ def _trainer_classes():
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 folder = Path(self._get_output_dir(trial)) / f"{CHECKPOINT_PREFIX}-{self.state.global_step}"
-                _write_json_atomic(folder / CHECKPOINT_COMPLETE, {"global_step": self.state.global_step})
+                write_json_atomic(folder / CHECKPOINT_COMPLETE, {"global_step": self.state.global_step})
                 _rotate_checkpoints(Path(self.args.output_dir), self.keep_checkpoints)
 
     class TrainingProgress(ProgressCallback):
@@ -629,7 +614,7 @@ def finetune(config: FinetuneConfig | None = None, /, *, callbacks: Sequence | N
                     print(f"removing {folder}: an unfinished checkpoint (the run was stopped while writing it)")
                     shutil.rmtree(folder, ignore_errors=True)
         trainable, total = count_parameters(model)
-        _write_json_atomic(output / RUN_FILE, {
+        write_json_atomic(output / RUN_FILE, {
             "base_model": str(model_path),
             "vision_tower": str(Path(config.vision_tower).resolve()) if config.vision_tower else None,
             "mode": "full" if config.full else "lora",
@@ -687,9 +672,9 @@ def finetune(config: FinetuneConfig | None = None, /, *, callbacks: Sequence | N
     }
     if is_main:
         loaded.processor.save_pretrained(str(output))
-        _write_json_atomic(output / REPORT_FILE, report)
+        write_json_atomic(output / REPORT_FILE, report)
         run = json.loads((output / RUN_FILE).read_text())
-        _write_json_atomic(output / RUN_FILE, {**run, "finished": True, "report": report})
+        write_json_atomic(output / RUN_FILE, {**run, "finished": True, "report": report})
         if config.progress:
             print(format_report(report))
     state.wait_for_everyone()
@@ -767,7 +752,7 @@ def merge_lora(adapter, output, *, base_model=None, vision_tower=None, device=No
     try:
         merged.save_pretrained(temp)
         loaded.processor.save_pretrained(temp)
-        _write_json_atomic(temp / "llarva_merge.json", {"base_model": str(base), "adapter": str(adapter),
+        write_json_atomic(temp / "llarva_merge.json", {"base_model": str(base), "adapter": str(adapter),
                                                        "dtype": str(merged.dtype).removeprefix("torch.")})
         if output.exists():
             old = output.parent / f".{output.name}.old-{unique}"

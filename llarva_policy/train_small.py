@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from llarva_gym.files import write_json_atomic
 from llarva_policy import codec
 from llarva_policy.finetune import IGNORE_INDEX, conversation_turns, load_annotations
 from llarva_policy.model import (
@@ -593,13 +594,6 @@ class _Deterministic:
 # The recipe
 # ---------------------------------------------------------------------------------------------
 
-def _write_json(path: Path, content) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(content, indent=1, default=str) + "\n")
-    os.replace(temp, path)
-
-
 def _tar_folder(folder: Path, tar_path: Path) -> Path:
     temp = tar_path.with_name(f".{tar_path.name}.tmp-{os.getpid()}")
     with tarfile.open(temp, "w") as tar:
@@ -765,7 +759,7 @@ def _append_annotations(path: Path, root: Path, extra: list[dict], extra_root: P
     next_id = max(entry["id"] for entry in entries) + 1
     entries += [{**entry, "id": next_id + i, "image": os.path.relpath(extra_root / entry["image"], root)}
                 for i, entry in enumerate(extra)]
-    _write_json(path, entries)
+    write_json_atomic(path, entries)
 
 
 def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_seed: int = 0, seed: int = 0,
@@ -910,9 +904,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
 
     def save_summary():
         summary["seconds"] = round(time.perf_counter() - started, 2)
-        _write_json(out / SUMMARY_FILE, summary)
+        write_json_atomic(out / SUMMARY_FILE, summary)
         if export is not None:
-            _write_json(export / f"train_small_{task}.json", summary)
+            write_json_atomic(export / f"train_small_{task}.json", summary)
 
     def stage(name: str, **facts):
         summary["stages"][name] = {**facts, "at_seconds": round(time.perf_counter() - started, 2)}

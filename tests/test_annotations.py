@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import llarva_gym.files
 from llarva_gym.observation import Observation
 from llarva_policy import annotations
 from llarva_policy.annotations import annotate, end_effector_trace, episode_annotations, project_points
@@ -255,7 +256,7 @@ def test_annotate_failure_leaves_the_old_file_and_no_temp_file(data_root, tmp_pa
     def broken_dump(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(annotations.json, "dump", broken_dump)
+    monkeypatch.setattr(llarva_gym.files.json, "dump", broken_dump)
     with pytest.raises(OSError, match="disk full"):
         annotate(data_root, out, TASK, progress=False)
     assert out.read_text() == "old"

@@ -2,6 +2,7 @@
 malicious pickles refused, interrupted writes leave nothing behind, broken episodes named clearly."""
 
 import io
+import json
 import pickle
 import sys
 import types
@@ -496,3 +497,17 @@ def test_corrupt_files_raise_format_errors(episode):
     Image.fromarray(np.zeros((H, W), np.uint8)).save(episode / "front_depth" / "0.png")
     with pytest.raises(DemoFormatError, match=r"front_depth/0\.png: depth PNGs are 24-bit RGB"):
         load_demo(episode, image_kinds=["depth"])
+
+
+def test_a_failed_json_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path):
+    from llarva_gym.files import write_json_atomic
+
+    path = write_json_atomic(tmp_path / "results" / "run.json", {"episodes": [1, 2], "where": tmp_path})
+    assert json.loads(path.read_text()) == {"episodes": [1, 2], "where": str(tmp_path)}
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    circular: list = []
+    circular.append(circular)
+    with pytest.raises(ValueError, match="Circular reference"):
+        write_json_atomic(path, {"episodes": circular})
+    assert json.loads(path.read_text())["episodes"] == [1, 2]
+    assert [p.name for p in path.parent.iterdir()] == ["run.json"]
