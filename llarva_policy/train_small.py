@@ -90,6 +90,13 @@ SHAPES = {
         dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3, patch_size=16),
         dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
     ),
+    # "small" with 8 px patches: 256 image tokens instead of 64, so that a small object (reach's
+    # sphere is 5-9 px across) spans several patches and its size, the front image's depth cue,
+    # is seen by more than one token.
+    "small-patch8": (
+        dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3, patch_size=8),
+        dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
+    ),
     # ~19M parameters: a wider, deeper tower and Llama, for runs that have the time.
     "medium": (
         dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, patch_size=16),
@@ -288,7 +295,8 @@ def load_images(paths, *, processes: int | None = None) -> np.ndarray:
     Processes, not threads: PIL holds the GIL while it decodes a small PNG, so 16 threads on
     the 16-core GPU host decoded 98k images in 61 s, one core's speed. The workers come from a
     forkserver, not a fork of this process (it runs torch's and CUDA's threads by now), and each
-    decodes a contiguous block; the workers import only `llarva_gym.demos`, not torch."""
+    decodes a contiguous block; the workers import `llarva_gym.demos` (and, as any spawned
+    process, the main module: a script calling this needs the `if __name__ == "__main__":` guard)."""
     from llarva_gym.demos import read_rgb_image, read_rgb_images
 
     paths = [str(path) for path in paths]

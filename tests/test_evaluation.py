@@ -6,6 +6,7 @@ import sys
 
 import gymnasium as gym
 import imageio.v2 as imageio
+import mujoco
 import numpy as np
 import pytest
 
@@ -252,4 +253,17 @@ def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(t
     assert first["tip_to_waypoint_m"] == pytest.approx(np.linalg.norm(obs["gripper_pose"][:3] - target), abs=1e-4)
     assert first["expert_speed"] == pytest.approx(np.linalg.norm(env.unwrapped.expert_action()[:7]), abs=1e-4)
     assert episode["closest_m"] == min(row["tip_to_waypoint_m"] for row in episode["steps"])
+    # The offset from the target split along the front camera's ray (the camera as MuJoCo places it).
+    backend = env.unwrapped.backend
+    camera = backend.data.cam_xpos[mujoco.mj_name2id(backend.model, mujoco.mjtObj.mjOBJ_CAMERA, "front")]
+    ray = (target - camera) / np.linalg.norm(target - camera)
+    offset = obs["gripper_pose"][:3] - target
+    assert first["depth_m"] == pytest.approx(offset @ ray, abs=1e-4)
+    assert first["lateral_m"] == pytest.approx(np.linalg.norm(offset - (offset @ ray) * ray), abs=1e-4)
+    objects = episode["closest_to_objects_m"]
+    assert sorted(objects) == ["distractor0", "distractor1", "target"]
+    assert objects["target"] == pytest.approx(episode["closest_m"], abs=1e-4)   # reach's one waypoint is the target
+    for name in ("distractor0", "distractor1"):   # the closest over the rollout: at most where it started
+        start = np.linalg.norm(obs["gripper_pose"][:3] - backend.task.body_position(name))
+        assert 0 < objects[name] <= start + 1e-4
     env.close()

@@ -5,6 +5,7 @@ annotated with `annotate`.
 """
 
 import json
+import os
 from pathlib import Path
 import shutil
 import tarfile
@@ -160,6 +161,27 @@ def test_images_are_the_files_in_order_and_a_bad_one_is_named(annotated, tmp_pat
             load_images(many[:500] + [tmp_path / "cut.png"] + many[500:], processes=processes)
     with pytest.raises(ValueError, match="no image paths"):
         load_images([])
+
+
+def test_image_decoding_benchmark_decodes_the_same_images_both_ways(tmp_path, load_script):
+    """benchmarks/image_decoding.py: threads (the old way) and worker processes on one list; the
+    processes' ratio is against the threads' row of the same run."""
+    benchmark = load_script("benchmarks/image_decoding.py")
+    rng = np.random.default_rng(0)
+    (tmp_path / "data" / "episode0" / "front_rgb").mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+            tmp_path / "data" / "episode0" / "front_rgb" / f"{i}.png")
+    out = tmp_path / "decoding.json"
+    result = benchmark.main(["--demos", str(tmp_path / "data"), "--repeat", "50", "--processes", "2",
+                             "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    threads, processes = result["rows"]
+    assert (threads["mode"], processes["mode"]) == (f"threads {min(16, os.cpu_count())}", "processes 2")
+    assert threads["images"] == processes["images"] == 600
+    assert processes["speedup_vs_threads"] == round(threads["seconds"] / processes["seconds"], 2)
+    with pytest.raises(SystemExit):
+        benchmark.main(["--out", str(out)])    # neither a dataset nor a recording asked for
 
 
 def test_images_are_normalised_as_the_clip_processor_does(annotated):
@@ -392,6 +414,26 @@ def test_a_trained_model_writes_back_the_answers_it_was_trained_on(annotated, tm
             inputs = loaded.processor(images=[image.convert("RGB")], text=[codec.build_prompt(question)],
                                       return_tensors="pt")
         assert generate_text(loaded, inputs, max_new_tokens=80, constrained=True) == [answer]
+
+
+def test_the_8px_patch_shape_writes_256_image_tokens_and_loads_back(annotated, tmp_path):
+    data_root, entries = annotated
+    tokenizer = build_tokenizer(corpus_texts=[codec.build_conversation_text(*conversation_turns(e)) for e in entries])
+    assert build_model(tokenizer, "small")[0].config.image_seq_length == 64
+    model, processor = build_model(tokenizer, "small-patch8")
+    assert model.config.image_seq_length == 256
+    save_checkpoint(model, processor, tmp_path / "model", {})
+    loaded = load_llava(tmp_path / "model", device="cpu")   # checks the processor against the tower
+    assert loaded.num_image_tokens == 256
+    question, _ = conversation_turns(entries[0])
+    with Image.open(data_root / entries[0]["image"]) as image:
+        inputs = loaded.processor(images=[image.convert("RGB")], text=[codec.build_prompt(question)],
+                                  return_tensors="pt")
+    image_token = loaded.tokenizer.convert_tokens_to_ids(codec.IMAGE_TOKEN)
+    assert int((inputs["input_ids"] == image_token).sum()) == 256
+    with torch.no_grad():
+        logits = loaded.model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
 
 
 def test_recipe_end_to_end_at_toy_scale(tmp_path):
