@@ -267,3 +267,23 @@ def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(t
         start = np.linalg.norm(obs["gripper_pose"][:3] - backend.task.body_position(name))
         assert 0 < objects[name] <= start + 1e-4
     env.close()
+
+
+def test_depth_cue_benchmark_finds_the_target_and_its_shadow(tmp_path, load_script):
+    """benchmarks/depth_cue.py: the target's pixels are found by moving it out of sight; only the
+    high renderer draws a shadow; the regression from the sphere's size explains some of the depth."""
+    benchmark = load_script("benchmarks/depth_cue.py")
+    out = tmp_path / "depth_cue.json"
+    report = benchmark.main(["--scenes", "12", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    fast, high = report["rows"]["fast"], report["rows"]["high"]
+    assert [r["depth_m"] for r in fast] == [r["depth_m"] for r in high]       # the same scenes both ways
+    assert all(r["sphere_px"] >= 10 for r in fast + high)
+    assert all(r["shadow_uv"] is None for r in fast) and sum(r["shadow_uv"] is not None for r in high) >= 6
+    # the shadow falls away from the light, below the sphere in the image
+    assert all(r["shadow_uv"][1] > r["sphere_uv"][1] for r in high if r["shadow_uv"] is not None)
+    cues = [r["cue"] for r in report["results"]]
+    assert cues == ["fast: sphere position and size", "high: sphere position and size",
+                    "high: and the shadow's position"]
+    with pytest.raises(SystemExit):
+        benchmark.main(["--scenes", "3", "--out", str(out)])
