@@ -54,7 +54,8 @@ export CUBLAS_WORKSPACE_CONFIG=:4096:8 TQDM_MININTERVAL=10 HF_HUB_OFFLINE=1
 # (benchmarks/train_small_speed.py measures it; an earlier session's H100 figure, 2.3x with
 # --compile, was lost with that machine). No --compile here: its first step costs about a minute
 # of a 5-minute training.
-# (Shadows, --render-quality high, made recording 10x slower on the device's CPU renderer.)
+# (Shadows, --render-quality high, made recording 10x slower on the device's CPU renderer with
+# MuJoCo's 4096 px shadow map; the map is 1024 px since, about 4.5x cheaper on a CPU renderer.)
 recipe=(--visual-trace --trace-points 3 --goal-weight 10 --goal-points future --early-steps 5 --early-weight 4
         --eval-episodes 0 --batch-size 512 --no-deterministic --train-seconds "${TRAIN_SECONDS:-fit}")
 processes=$(( (${DEMO_CORES:-14}) / ${#tasks[@]} ))

@@ -37,7 +37,9 @@ def franka_mesh_dir() -> Path:
 def scene_xml(task_xml: str, graspable: tuple[str, ...], quality: str = "fast") -> str:
     """The full MJCF text: the robot scene, the task's objects, and one (inactive) weld per graspable
     body that attaches it to the hand when grasped."""
-    shadow, samples = (0, 0) if quality == "fast" else (4096, 4)
+    # "high": a 1024 px shadow map, not MuJoCo's 4096: the same shadows in a 128 px image (mean
+    # pixel difference 0.04) at a quarter of the recording time on a CPU renderer.
+    shadow, samples = (0, 0) if quality == "fast" else (1024, 4)
     xml = SCENE_XML.read_text()
     for key, value in {"meshdir": franka_mesh_dir(), "shadowsize": shadow, "offsamples": samples}.items():
         xml = xml.replace("{" + key + "}", str(value))
