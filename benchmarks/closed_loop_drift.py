@@ -12,7 +12,15 @@ offset from the last waypoint (the goal) split along the front camera's ray to t
 positive beyond the goal, as the camera sees it) and across it (lateral): a policy that reads
 depth from the image worse than position leaves misses mostly along the ray. Per episode also the
 closest the tip came to each of the scene's placed (mocap) objects: a miss that ends at another
-object is a wrong choice, not a wrong depth. The step where the cosine first turns negative is
+object is a wrong choice, not a wrong depth. Per step also where each command heads
+(`policy_aim_*`, `expert_aim_*`): the depth along the camera's ray at which the tip's line of motion
+meets it, less the goal's, and how far the line passes from the ray; with `--steps 1` over many
+episodes, step 0's aim (summary `first_step_aim`) says in seconds an episode whether a checkpoint
+reads the target's depth from the image (the expert's aim is exact to a few millimetres; the slope
+of aimed against true depth is 1 for a policy that reads it, 0 for one that aims at one depth).
+`--training-scenes` runs the scenes the demos were recorded in (with a checkpoint's demo seed, the
+ones it was trained on): the aim there against held-out scenes tells a model that has not fitted
+its data from one that does not generalise. The step where the cosine first turns negative is
 where the policy has left anything the demos taught it. Prints a row every few steps and writes JSON (default
 benchmarks/results/closed_loop_drift_<task>.json), rewritten atomically after every episode.
 """
@@ -27,9 +35,11 @@ import mujoco
 import numpy as np
 
 import llarva_gym  # noqa: F401  (registers the llarva/ ids)
+from llarva_gym.backends.mujoco.scene import CONTROL_PERIOD
 from llarva_gym.evaluation import episode_reset_seed
 from llarva_gym.expert import WaypointFollower
 from llarva_gym.files import write_json_atomic
+from llarva_gym.recording import attempt_seed
 from llarva_policy import LlarvaPolicy
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -43,13 +53,13 @@ def placed_objects(backend) -> dict[str, np.ndarray]:
             for body in range(model.nbody) if model.body_mocapid[body] >= 0}
 
 
-def rollout(policy, env, reset_seed: int, steps: int) -> tuple[list[dict], dict]:
+def rollout(policy, env, reset_seed: int, steps: int) -> tuple[list[dict], dict, np.ndarray]:
     obs, _ = env.reset(seed=reset_seed)
     backend, state, rows = env.unwrapped.backend, None, []
     objects = placed_objects(backend)
     closest_to_objects = dict.fromkeys(objects, np.inf)
     goal = WaypointFollower(backend).waypoints[-1].position
-    camera = backend.cameras.misc(backend.data)["front_camera_extrinsics"][:3, 3]
+    camera = camera_position(env)
     ray = (goal - camera) / np.linalg.norm(goal - camera)
     for t in range(steps):
         action, state = policy.predict(obs, state=state, episode_start=np.array([t == 0]))
@@ -58,11 +68,17 @@ def rollout(policy, env, reset_seed: int, steps: int) -> tuple[list[dict], dict]
         waypoint = expert.waypoints[min(expert.index, len(expert.waypoints) - 1)].position
         a, x = np.asarray(action[:7], dtype=np.float64), command[:7].astype(np.float64)
         norms = np.linalg.norm(a) * np.linalg.norm(x)
+        q = backend.panda.joint_positions
+        tip = backend.panda.forward_kinematics(q)[0]
+        aims = {who: aim(tip, backend.panda.forward_kinematics(q + velocity * CONTROL_PERIOD)[0] - tip,
+                         camera, ray, goal)
+                for who, velocity in (("policy", a), ("expert", x))}
         rows.append({"step": t, "cosine": round(float(a @ x / norms), 4) if norms > 1e-9 else None,
                      "policy_speed": round(float(np.linalg.norm(a)), 4),
                      "expert_speed": round(float(np.linalg.norm(x)), 4),
                      "tip_to_waypoint_m": round(float(np.linalg.norm(obs["gripper_pose"][:3] - waypoint)), 4),
-                     **depth_and_lateral(obs["gripper_pose"][:3] - goal, ray)})
+                     **depth_and_lateral(obs["gripper_pose"][:3] - goal, ray),
+                     **{f"{who}_aim_{key}": value for who, found in aims.items() for key, value in found.items()}})
         for name, position in objects.items():
             distance = float(np.linalg.norm(obs["gripper_pose"][:3] - position))
             closest_to_objects[name] = min(closest_to_objects[name], distance)
@@ -70,7 +86,52 @@ def rollout(policy, env, reset_seed: int, steps: int) -> tuple[list[dict], dict]
         if terminated or truncated:
             rows[-1]["success"] = bool(info["success"])
             break
-    return rows, {name: round(distance, 4) for name, distance in closest_to_objects.items()}
+    return rows, {name: round(distance, 4) for name, distance in closest_to_objects.items()}, goal
+
+
+def camera_position(env) -> np.ndarray:
+    backend = env.unwrapped.backend
+    return backend.cameras.misc(backend.data)["front_camera_extrinsics"][:3, 3]
+
+
+def aim(tip: np.ndarray, heading: np.ndarray, camera: np.ndarray, ray: np.ndarray, goal: np.ndarray) -> dict:
+    """Which depth a step heads for: where the tip's line of motion passes closest to the camera's ray
+    through the goal. `depth_error_m`: that point's distance along the ray less the goal's (positive
+    beyond it); `miss_m`: how far the line passes from the ray (an error no depth explains). None when
+    the tip barely moves or moves along the ray, or the closest point lies behind the tip."""
+    none = {"depth_error_m": None, "miss_m": None}
+    length = np.linalg.norm(heading)
+    if length < 1e-6:
+        return none
+    d = heading / length
+    b, w = d @ ray, tip - camera
+    if abs(b) > 0.99:
+        return none
+    s = (b * (ray @ w) - d @ w) / (1 - b * b)   # along the tip's line
+    t = (ray @ w - b * (d @ w)) / (1 - b * b)   # along the camera's ray
+    if s <= 0:
+        return none
+    return {"depth_error_m": round(float(t - np.linalg.norm(goal - camera)), 4),
+            "miss_m": round(float(np.linalg.norm(tip + s * d - camera - t * ray)), 4)}
+
+
+def first_step_aim(episodes: list[dict]) -> dict:
+    """Step 0's aim over the episodes (the arm at its start pose: the goal is all there is to decide)."""
+    summary = {}
+    for who in ("policy", "expert"):
+        kept = [e for e in episodes if e["steps"][0][f"{who}_aim_depth_error_m"] is not None]
+        errors = np.array([e["steps"][0][f"{who}_aim_depth_error_m"] for e in kept])
+        misses = np.array([e["steps"][0][f"{who}_aim_miss_m"] for e in kept])
+        true = np.array([e["goal_depth_m"] for e in kept])
+        summary[who] = {"episodes": len(kept),
+                        "median_abs_depth_error_m": round(float(np.median(np.abs(errors))), 4) if kept else None,
+                        "median_abs_miss_m": round(float(np.median(misses)), 4) if kept else None}
+        if len(kept) >= 3 and true.std() > 0:
+            aimed = true + errors
+            summary[who]["slope_aimed_vs_true_depth"] = round(float(np.polyfit(true, aimed, 1)[0]), 3)
+            summary[who]["correlation_aimed_vs_true_depth"] = (round(float(np.corrcoef(true, aimed)[0, 1]), 3)
+                                                               if aimed.std() > 1e-9 else None)
+    return summary
 
 
 def depth_and_lateral(offset: np.ndarray, ray: np.ndarray) -> dict:
@@ -85,8 +146,13 @@ def main(argv=None):
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60, help="steps per episode (at most the task's limit)")
     parser.add_argument("--seed", type=int, default=0, help="llarva eval's --seed: the same episodes")
+    parser.add_argument("--training-scenes", action="store_true",
+                        help="the scenes `llarva demos --seed SEED` records (attempt k's reset seed) instead of "
+                             "llarva eval's: with a checkpoint's demo seed, the scenes it was trained on")
     parser.add_argument("--variation", type=int, default=None)
     parser.add_argument("--visual-trace", action="store_true", help="the checkpoint answers with a visual trace")
+    parser.add_argument("--render-quality", default="fast", choices=("fast", "high"),
+                        help="the env's rendering, as the checkpoint was trained and evaluated")
     parser.add_argument("--device", default=None)
     parser.add_argument("--every", type=int, default=3, help="print every N-th step")
     parser.add_argument("--out", default=None)
@@ -94,20 +160,25 @@ def main(argv=None):
 
     policy = LlarvaPolicy.from_pretrained(args.checkpoint, device=args.device, constrained=True,
                                           with_visual_trace=args.visual_trace)
-    env = gym.make(f"llarva/{args.task}", variation=args.variation)
+    env = gym.make(f"llarva/{args.task}", variation=args.variation, render_quality=args.render_quality)
     out = Path(args.out or RESULTS_DIR / f"closed_loop_drift_{args.task}.json")
     record = {"task": args.task, "checkpoint": str(args.checkpoint), "seed": args.seed,
-              "variation": args.variation, "episodes": []}
+              "scenes": "training (llarva demos' attempts)" if args.training_scenes else "llarva eval's",
+              "variation": args.variation,
+              "render_quality": args.render_quality, "episodes": []}
     print(f"{'episode':>7} {'step':>4} {'cosine':>7} {'policy':>7} {'expert':>7} {'to waypoint':>11} {'depth':>6} "
           f"{'lateral':>7}  (speeds in rad/s, m)")
     for index in range(args.episodes):
-        rows, closest_to_objects = rollout(policy, env, episode_reset_seed(args.seed, index), args.steps)
+        reset_seed = attempt_seed(args.seed, index) if args.training_scenes else episode_reset_seed(args.seed, index)
+        rows, closest_to_objects, goal = rollout(policy, env, reset_seed, args.steps)
         negative = [r["step"] for r in rows if r["cosine"] is not None and r["cosine"] < 0]
         closest = min(rows, key=lambda r: np.hypot(r["depth_m"], r["lateral_m"]))
         record["episodes"].append({"index": index, "first_negative_cosine_step": negative[0] if negative else None,
                                    "closest_m": min(r["tip_to_waypoint_m"] for r in rows),
                                    "closest_to_goal": {key: closest[key] for key in ("step", "depth_m", "lateral_m")},
                                    "closest_to_objects_m": closest_to_objects,
+                                   "goal_m": np.round(goal, 4).tolist(),
+                                   "goal_depth_m": round(float(np.linalg.norm(goal - camera_position(env))), 4),
                                    "success": rows[-1].get("success", False), "steps": rows})
         for r in rows[::args.every]:
             print(f"{index:>7} {r['step']:>4} {r['cosine'] if r['cosine'] is not None else 'n/a':>7} "
@@ -118,8 +189,11 @@ def main(argv=None):
               f"closest {summary['closest_m']:.3f} m; closest to the goal at step {closest['step']}: "
               f"depth {closest['depth_m']:+.3f} m, lateral {closest['lateral_m']:.3f} m, success {summary['success']}; "
               f"closest to each placed object (m): {closest_to_objects}", flush=True)
+        record["first_step_aim"] = first_step_aim(record["episodes"])
         write_json_atomic(out, record)
     env.close()
+    print(f"step 0's heading over {len(record['episodes'])} episodes (median absolute depth error, median miss; m): "
+          f"{record['first_step_aim']}")
 
 
 if __name__ == "__main__":

@@ -240,8 +240,10 @@ def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(t
     checkpoint = make_random_llava(tmp_path / "tiny", size="tiny", seed=0)
     out = tmp_path / "drift.json"
     benchmark.main(["--task", "reach_target", "--checkpoint", str(checkpoint), "--episodes", "1", "--steps", "4",
-                    "--variation", "3", "--seed", "5", "--out", str(out)])
-    [episode] = json.loads(out.read_text())["episodes"]
+                    "--variation", "3", "--seed", "5", "--render-quality", "high", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["render_quality"] == "high"
+    [episode] = record["episodes"]
     assert [row["step"] for row in episode["steps"]] == [0, 1, 2, 3]
     assert all(-1 <= row["cosine"] <= 1 for row in episode["steps"])
 
@@ -259,7 +261,11 @@ def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(t
     ray = (target - camera) / np.linalg.norm(target - camera)
     offset = obs["gripper_pose"][:3] - target
     assert first["depth_m"] == pytest.approx(offset @ ray, abs=1e-4)
+    assert episode["goal_depth_m"] == pytest.approx(np.linalg.norm(target - camera), abs=1e-4)
     assert first["lateral_m"] == pytest.approx(np.linalg.norm(offset - (offset @ ray) * ray), abs=1e-4)
+    # The expert's first step heads straight for the target: its aim lies on the camera's ray at the target's depth.
+    assert abs(first["expert_aim_depth_error_m"]) < 0.03 and first["expert_aim_miss_m"] < 0.01
+    assert record["first_step_aim"]["expert"]["median_abs_depth_error_m"] == abs(first["expert_aim_depth_error_m"])
     objects = episode["closest_to_objects_m"]
     assert sorted(objects) == ["distractor0", "distractor1", "target"]
     assert objects["target"] == pytest.approx(episode["closest_m"], abs=1e-4)   # reach's one waypoint is the target
@@ -267,6 +273,52 @@ def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(t
         start = np.linalg.norm(obs["gripper_pose"][:3] - backend.task.body_position(name))
         assert 0 < objects[name] <= start + 1e-4
     env.close()
+
+
+def test_closed_loop_drift_training_scenes_are_the_demos_scenes(tmp_path, load_script):
+    """--training-scenes starts episode k where `llarva demos --seed S` started attempt k."""
+    from llarva_gym.demos import episode_dirs, load_demo
+    from llarva_gym.recording import record_demos
+    from llarva_policy.model import make_random_llava
+
+    record_demos("reach_target", 1, tmp_path / "demos", image_size=32, variation=3, seed=7, progress=False)
+    demo = load_demo(episode_dirs(tmp_path / "demos", "reach_target")[0], load_images=False)
+    end = demo[-1].gripper_pose[:3]   # the expert ends inside the target (2.5 cm radius)
+
+    benchmark = load_script("benchmarks/closed_loop_drift.py")
+    checkpoint = make_random_llava(tmp_path / "tiny", size="tiny", seed=0)
+    for scenes, close in ((["--training-scenes"], True), ([], False)):
+        out = tmp_path / f"drift{len(scenes)}.json"
+        benchmark.main(["--task", "reach_target", "--checkpoint", str(checkpoint), "--episodes", "1", "--steps", "1",
+                        "--variation", "3", "--seed", "7", *scenes, "--out", str(out)])
+        [episode] = json.loads(out.read_text())["episodes"]
+        assert (np.linalg.norm(np.array(episode["goal_m"]) - end) < 0.026) == close
+
+
+def test_closed_loop_drift_aim_is_where_the_heading_meets_the_cameras_ray(load_script):
+    benchmark = load_script("benchmarks/closed_loop_drift.py")
+    aim = benchmark.aim
+    camera, goal, tip = np.array([1.0, 0.0, 1.5]), np.array([0.3, 0.1, 1.0]), np.array([0.2, -0.3, 1.3])
+    ray = (goal - camera) / np.linalg.norm(goal - camera)
+    beyond = goal + 0.1 * ray   # heading for a point 10 cm beyond the goal, on the ray
+    assert aim(tip, 0.01 * (beyond - tip), camera, ray, goal) == pytest.approx({"depth_error_m": 0.1, "miss_m": 0.0},
+                                                                                abs=1e-4)
+    aside = goal + 0.05 * np.cross(ray, [0.0, 0.0, 1.0]) / np.linalg.norm(np.cross(ray, [0.0, 0.0, 1.0]))
+    assert aim(tip, aside - tip, camera, ray, goal)["miss_m"] > 0.01   # a point off the ray: no depth explains it
+    assert aim(tip, tip - goal, camera, ray, goal) == {"depth_error_m": None, "miss_m": None}   # moving away
+    assert aim(tip, np.zeros(3), camera, ray, goal) == {"depth_error_m": None, "miss_m": None}   # standing still
+
+    # Over episodes: a policy that reads depth aims with slope 1, one that aims at one depth with slope 0.
+    def episode(goal_depth, error):
+        return {"goal_depth_m": goal_depth, "steps": [{"policy_aim_depth_error_m": error, "policy_aim_miss_m": 0.01,
+                                                       "expert_aim_depth_error_m": 0.0, "expert_aim_miss_m": 0.0}]}
+    depths = [1.0, 1.1, 1.2, 1.3]
+    reads = benchmark.first_step_aim([episode(d, 0.02) for d in depths])
+    assert reads["policy"]["slope_aimed_vs_true_depth"] == pytest.approx(1.0)
+    assert reads["policy"]["median_abs_depth_error_m"] == pytest.approx(0.02)
+    one_depth = benchmark.first_step_aim([episode(d, 1.15 - d) for d in depths])
+    assert one_depth["policy"]["slope_aimed_vs_true_depth"] == pytest.approx(0.0, abs=1e-9)
+    assert one_depth["policy"]["correlation_aimed_vs_true_depth"] is None   # undefined, not NaN in the JSON
 
 
 def test_depth_cue_benchmark_finds_the_target_and_its_shadow(tmp_path, load_script):

@@ -7,7 +7,8 @@
 # finishes in it. TRAIN_SECONDS=960 makes it longer than one call: then each call runs until
 # ${TOTAL_SECONDS:-530} s have passed and leaves its state in ${WORK:-/tmp/train_small}; the same
 # command run again on the same (still warm) machine continues from there, reusing the demos, the
-# tokenized data and the compiled model. (The lent machine is given back 30 s after a call ends;
+# tokenized data and the compiled model. Send that call at once and read the first's output after:
+# one that came more than 30 s late found a fresh machine, and the state was gone (round 15). (The lent machine is given back 30 s after a call ends;
 # the state, about 80 MB with the optimizer, is more than a call can bring back, 64 MB.)
 #
 #   bash benchmarks/device/train_small.sh reach_target sweep_to_dustpan_of_size       # on the device
@@ -54,8 +55,9 @@ export CUBLAS_WORKSPACE_CONFIG=:4096:8 TQDM_MININTERVAL=10 HF_HUB_OFFLINE=1
 # (benchmarks/train_small_speed.py measures it; an earlier session's H100 figure, 2.3x with
 # --compile, was lost with that machine). No --compile here: its first step costs about a minute
 # of a 5-minute training.
-# (Shadows, --render-quality high, made recording 10x slower on the device's CPU renderer with
-# MuJoCo's 4096 px shadow map; the map is 1024 px since, about 4.5x cheaper on a CPU renderer.)
+# (Shadows, --render-quality high, made recording 10x slower on the device's renderer with
+# MuJoCo's 4096 px shadow map; with the 1024 px map since, 3,000 high demos took 60 s on the H200,
+# about 48 a second against fast's 55.)
 recipe=(--visual-trace --trace-points 3 --goal-weight 10 --goal-points future --early-steps 5 --early-weight 4
         --eval-episodes 0 --batch-size 512 --no-deterministic --train-seconds "${TRAIN_SECONDS:-fit}")
 processes=$(( (${DEMO_CORES:-14}) / ${#tasks[@]} ))
