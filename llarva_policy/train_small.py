@@ -770,6 +770,20 @@ def _append_annotations(path: Path, root: Path, extra: list[dict], extra_root: P
     write_json_atomic(path, entries)
 
 
+PAUSE_MARGIN_SECONDS = 15.0   # a paused sitting's last checkpoint: the state with the optimizer, the export
+
+
+def sitting_seconds(run_left: float, eval_reserve: float, remaining: float | None, *, evaluates: bool) -> float:
+    """How long this call's training may run, `run_left` being what the run's budget leaves now and
+    `remaining` the training seconds still to do (None: not known on the clock). The evaluation's
+    reserve is kept only where the training may finish in this call; a sitting that pauses anyway
+    trains to the budget's end, less a margin for saving its state (a reserve there was device time
+    lost in every call of a training that spans several)."""
+    if evaluates and (remaining is None or remaining < run_left):
+        return max(10.0, run_left - eval_reserve)
+    return max(10.0, run_left - min(eval_reserve, PAUSE_MARGIN_SECONDS))
+
+
 def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_seed: int = 0, seed: int = 0,
                 variation: int | None = None, processes: int = 1, train_seconds: float | None = 300.0, run_seconds: float | None = None,
                 eval_reserve_seconds: float = 150.0, max_steps: int | None = None, batch_size: int = 128,
@@ -786,8 +800,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
 
     See the module docstring for the steps and what `out` and `export` receive. Training stops
     after `max_steps` or `train_seconds` of training. `run_seconds` is a budget for this call (a
-    device call has 10 minutes): training stops early enough to leave `eval_reserve_seconds`, and
-    if it has not finished, the call ends there, leaving `training_state.pt` in `out`.
+    device call has 10 minutes): training stops early enough to leave `eval_reserve_seconds` where
+    it may finish in this call (`sitting_seconds`), and if it has not finished, the call ends there,
+    leaving `training_state.pt` in `out`.
     `train_seconds=None` (needs `run_seconds`): the training takes what this call leaves and
     finishes in it (the cosine schedule ends with it); with `max_steps` as well, it runs all
     `max_steps` steps, and a call that runs out first leaves it unfinished, to continue.
@@ -996,7 +1011,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
 
         stop_seconds = None
         if run_seconds is not None:
-            stop_seconds = max(10.0, run_seconds - eval_reserve_seconds - (time.perf_counter() - started))
+            remaining = None if train_seconds is None else train_seconds - (resume["seconds"] if resume else 0.0)
+            stop_seconds = sitting_seconds(run_seconds - (time.perf_counter() - started), eval_reserve_seconds,
+                                           remaining, evaluates=eval_episodes > 0)
         budget = train_seconds
         if budget is None and max_steps is not None:
             # A step schedule (a repeat of an earlier run) must run to its last step: cut on the

@@ -302,6 +302,21 @@ def test_a_run_stopped_by_its_budget_continues_when_rerun(tmp_path):
         episode_step({"id": 3, "image": "episode0/front_rgb/last.png"})
 
 
+def test_the_evaluation_reserve_is_kept_only_where_the_training_can_finish():
+    from llarva_policy.train_small import PAUSE_MARGIN_SECONDS, sitting_seconds
+
+    # 300 s of training left in a call with 500 s: train 400, keep 100 for the evaluation.
+    assert sitting_seconds(500.0, 100.0, 300.0, evaluates=True) == 400.0
+    # 450 s left: it could finish but the evaluation would not fit: pause at 400, finish in the next call.
+    assert sitting_seconds(500.0, 100.0, 450.0, evaluates=True) == 400.0
+    # 700 s left: this call cannot finish it: train to the budget's end, less the margin for the state.
+    assert sitting_seconds(500.0, 100.0, 700.0, evaluates=True) == 500.0 - PAUSE_MARGIN_SECONDS
+    assert sitting_seconds(500.0, 100.0, 300.0, evaluates=False) == 500.0 - PAUSE_MARGIN_SECONDS
+    assert sitting_seconds(500.0, 5.0, 700.0, evaluates=True) == 495.0   # a reserve below the margin stays
+    assert sitting_seconds(500.0, 100.0, None, evaluates=True) == 400.0   # a step schedule: not known on the clock
+    assert sitting_seconds(20.0, 100.0, 300.0, evaluates=True) == 10.0    # at least 10 s a sitting
+
+
 def test_a_training_fitted_to_the_run_finishes_in_it(tmp_path):
     """`train_seconds=None`: the training takes what `run_seconds` leaves after the demos and
     the reserve, and finishes (the schedule ends with it): no state is left, the evaluation runs."""
