@@ -1011,7 +1011,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
 
         stop_seconds = None
         if run_seconds is not None:
-            remaining = None if train_seconds is None else train_seconds - (resume["seconds"] if resume else 0.0)
+            # With a step count as well the clock may not be what ends the training: keep the reserve.
+            remaining = (None if train_seconds is None or max_steps is not None
+                         else train_seconds - (resume["seconds"] if resume else 0.0))
             stop_seconds = sitting_seconds(run_seconds - (time.perf_counter() - started), eval_reserve_seconds,
                                            remaining, evaluates=eval_episodes > 0)
         budget = train_seconds

@@ -8,8 +8,9 @@
 # ${TOTAL_SECONDS:-530} s have passed and leaves its state in ${WORK:-/tmp/train_small}; the same
 # command run again on the same (still warm) machine continues from there, reusing the demos, the
 # tokenized data and the compiled model. Send that call at once and read the first's output after:
-# one that came more than 30 s late found a fresh machine, and the state was gone (round 15). (The lent machine is given back 30 s after a call ends;
-# the state, about 80 MB with the optimizer, is more than a call can bring back, 64 MB.)
+# one that came more than 30 s late found a fresh machine, and the state was gone (round 15). (The
+# lent machine is given back 30 s after a call ends; the state, about 80 MB with the optimizer, is
+# more than a call can bring back, 64 MB.)
 #
 #   bash benchmarks/device/train_small.sh reach_target sweep_to_dustpan_of_size       # on the device
 #   TRAIN_SECONDS=960 bash benchmarks/device/train_small.sh reach_target             # 3 calls in a row
