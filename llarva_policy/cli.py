@@ -177,6 +177,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--takeover-num-envs", type=int, default=None, metavar="N",
                        help="takeover episodes driven at a time, batched in the main process (default: 32 on "
                             "CUDA; 0: the driver runs in each recording process)")
+        p.add_argument("--init-from", default=None, metavar="MODEL",
+                       help="an unfinished model folder of this same command (a device call's returned checkpoint): "
+                            "where OUT holds no training state (a fresh machine), continue its schedule from its "
+                            "weights, with fresh optimizer moments")
         p.add_argument("--compile", action="store_true", help="torch.compile the model (faster on a GPU)")
         p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                        help="without PyTorch's deterministic kernels (faster on a GPU; runs agree less closely)")

@@ -175,6 +175,42 @@ def save_checkpoint(model, processor, folder: Path, info: dict) -> Path:
     return folder
 
 
+def weights_only_resume(folder: Path, options: dict, tokenizer) -> dict:
+    """An unfinished checkpoint folder as a `train_model` resume: weights, step, clock, no optimizer.
+
+    A training longer than one device call keeps its full state (with the optimizer's moments,
+    about 80 MB for `small`) only on the machine that ran it; when the next call finds a fresh
+    machine, that state is gone, but the checkpoint every call returns (14 MB) still holds the
+    weights and the training log. From them the schedule continues where it paused (step, seconds,
+    learning rate) with fresh AdamW moments and a fresh data order: close to an unbroken run, not
+    the same. The folder must come from the same command (the same options and tokenizer).
+    """
+    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    info_path = folder / TRAINING_FILE
+    if not info_path.is_file():
+        raise FileNotFoundError(f"init_from: {folder} has no {TRAINING_FILE}; expected a train-small model folder "
+                                f"(the unpacked train_small_<task>_model.tar)")
+    info = json.loads(info_path.read_text())
+    saved = info.get("options", {})
+    if saved != options:
+        differ = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
+        raise ValueError(f"init_from: {folder} was trained with other options ({', '.join(differ)}); "
+                         f"expected the same train-small command")
+    if info.get("finished"):
+        raise ValueError(f"init_from: {folder} has finished its training; evaluate it with llarva eval")
+    if PreTrainedTokenizerFast.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"init_from: {folder}'s tokenizer is not the one this run builds from its annotations")
+    log = info["training"]
+    warmup_ended_at = log.get("warmup_ended_at")
+    if warmup_ended_at is None:   # checkpoints from before it was logged: the logged step where warm-up ended
+        warmup_ended_at = next((e["seconds"] for e in log["history"] if e["step"] >= log["warmup_steps"]), None)
+    weights = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).state_dict()
+    return {"model": weights, "optimizer": None, "log": log, "step": log["steps"], "seconds": log["seconds"],
+            "warmup_ended_at": warmup_ended_at, "order": None, "permutation": None, "position": None}
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: every sample tokenized once, every image on the device
 # ---------------------------------------------------------------------------------------------
@@ -478,11 +514,16 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
         step, spent_before, warmup_ended_at = 0, 0.0, None
         permutation, position = torch.randperm(len(pool), generator=order), 0
     else:
-        optimizer.load_state_dict(resume["optimizer"])
         log = {**resume["log"], "stopped_by": None, "sittings": resume["log"].get("sittings", 1) + 1}
         step, spent_before, warmup_ended_at = resume["step"], resume["seconds"], resume["warmup_ended_at"]
-        order.set_state(resume["order"])
-        permutation, position = resume["permutation"], resume["position"]
+        if resume["optimizer"] is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+        if resume["order"] is not None:
+            order.set_state(resume["order"])
+            permutation, position = resume["permutation"], resume["position"]
+        else:   # weights only (`weights_only_resume`): a new order, from the seed and the step
+            order.manual_seed(seed + step)
+            permutation, position = torch.randperm(len(pool), generator=order), 0
     # `started` is where the clock's zero lies: a resumed run continues the seconds already spent.
     started = time.perf_counter() - spent_before
     stop_at = train_seconds if stop_seconds is None else min(train_seconds, spent_before + stop_seconds)
@@ -502,7 +543,8 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
         return entry
 
     def state() -> dict:
-        log.update(steps=step, epochs=round(step * batch_size / len(pool), 3), seconds=round(elapsed(), 2))
+        log.update(steps=step, epochs=round(step * batch_size / len(pool), 3), seconds=round(elapsed(), 2),
+                   warmup_ended_at=warmup_ended_at)
         return {"model": _cpu_copy(model.state_dict()),
                 "optimizer": _cpu_copy(optimizer.state_dict()), "log": copy.deepcopy(log), "step": step,
                 "seconds": elapsed(), "warmup_ended_at": warmup_ended_at, "order": order.get_state(),
@@ -795,7 +837,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                 variation_weights: Sequence[int] | None = None,
                 compile: bool = False, deterministic: bool = True, render_quality: str = "fast", device=None,
                 driver=None, takeover_demos: int = 0, takeover_steps: int = 30, takeover_num_envs: int | None = None,
-                export=None, isolate_evaluation: bool | None = None, progress: bool = True) -> dict:
+                init_from=None, export=None, isolate_evaluation: bool | None = None,
+                progress: bool = True) -> dict:
     """Record demos, annotate, train a small LLaVA from scratch, evaluate it and the expert; returns the summary.
 
     See the module docstring for the steps and what `out` and `export` receive. Training stops
@@ -808,6 +851,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     `max_steps` steps, and a call that runs out first leaves it unfinished, to continue.
     Rerunning into the same `out` continues the demos, continues an unfinished training (same
     options) where it stopped, keeps a finished model and continues the evaluations.
+    `init_from`: an unfinished model folder of the same command (a call's returned checkpoint),
+    continued where no `training_state.pt` is (a fresh machine): `weights_only_resume`.
     `eval_episodes=0` skips both evaluations (run `llarva eval` on the model folder later).
 
     `visual_trace`: the answers also hold the end effector's future path in the image
@@ -990,11 +1035,14 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         resume = torch.load(state_path, weights_only=True) if state_path.is_file() else None
         if resume is not None and resume.pop("options", None) != options:
             resume = None
+        resumed_from = "state" if resume is not None else None
+        if resume is None and init_from is not None:
+            resume, resumed_from = weights_only_resume(init_from, options, tokenizer), "weights"
         # CUDA starts here, after the demo workers (which render with EGL) are done.
         summary["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         timings["rest"] = round(time.perf_counter() - clock, 2)
         stage("data", samples=len(data), device=str(device), parameters=parameters,
-              resumed_at_step=resume["step"] if resume else None, seconds=timings)
+              resumed_at_step=resume["step"] if resume else None, resumed_from=resumed_from, seconds=timings)
 
         def on_checkpoint(model, log, state):
             info = {"options": options, "finished": log["stopped_by"] in ("time", "steps"), "training": log}

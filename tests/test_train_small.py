@@ -302,6 +302,35 @@ def test_a_run_stopped_by_its_budget_continues_when_rerun(tmp_path):
         episode_step({"id": 3, "image": "episode0/front_rgb/last.png"})
 
 
+def test_a_returned_checkpoint_continues_the_training_on_a_fresh_machine(tmp_path):
+    """The model folder a call returns (weights and log, no optimizer state) continues its
+    schedule in a fresh `out`, as on a fresh machine: from the step and the seconds where it
+    paused, from its weights (the loss goes on from where it was, not from a new model's), and
+    the first call's log kept. A folder from another command, or a finished one, is refused."""
+    common = dict(size="toy", demos=2, batch_size=4, train_seconds=11.0, eval_episodes=0, progress=False)
+    first = train_small(TASK, tmp_path / "call1", run_seconds=1.0, eval_reserve_seconds=0.0, **common)
+    assert first["training"]["stopped_by"] == "stop_seconds"
+    returned = tmp_path / "returned"
+    shutil.copytree(tmp_path / "call1" / MODEL_DIR, returned)
+
+    second = train_small(TASK, tmp_path / "call2", init_from=returned, **common)
+    data_stage, training, before = second["stages"]["data"], second["training"], first["training"]
+    assert data_stage["resumed_from"] == "weights" and data_stage["resumed_at_step"] == before["steps"]
+    assert training["sittings"] == 2 and training["stopped_by"] == "time" and training["steps"] > before["steps"]
+    assert training["seconds"] >= 11.0 and training["history"][:len(before["history"])] == before["history"]
+    resumed = training["history"][len(before["history"])]
+    # The loss goes on near where it paused, not from a new model's (about the first logged one).
+    assert abs(resumed["loss"] - before["history"][-1]["loss"]) < abs(resumed["loss"] - before["history"][0]["loss"])
+    assert json.loads((tmp_path / "call2" / MODEL_DIR / TRAINING_FILE).read_text())["finished"] is True
+
+    with pytest.raises(ValueError, match=r"other options \(batch_size\)"):
+        train_small(TASK, tmp_path / "call3", init_from=returned, **{**common, "batch_size": 2})
+    with pytest.raises(ValueError, match="has finished its training"):
+        train_small(TASK, tmp_path / "call3", init_from=tmp_path / "call2" / MODEL_DIR, **common)
+    with pytest.raises(FileNotFoundError, match="expected a train-small model folder"):
+        train_small(TASK, tmp_path / "call3", init_from=tmp_path / "nowhere", **common)
+
+
 def test_the_evaluation_reserve_is_kept_only_where_the_training_can_finish():
     from llarva_policy.train_small import PAUSE_MARGIN_SECONDS, sitting_seconds
 

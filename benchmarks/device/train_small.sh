@@ -10,7 +10,9 @@
 # tokenized data and the compiled model. Send that call at once and read the first's output after:
 # one that came more than 30 s late found a fresh machine, and the state was gone (round 15). (The
 # lent machine is given back 30 s after a call ends; the state, about 80 MB with the optimizer, is
-# more than a call can bring back, 64 MB.)
+# more than a call can bring back, 64 MB. A call that found a fresh machine all the same goes on from
+# the checkpoint the last one returned: unpack its model tar into an ignored folder, carry it and add
+# `--init-from FOLDER/train_small_<task>_model` after `--`: the weights, fresh optimizer moments.)
 #
 #   bash benchmarks/device/train_small.sh reach_target sweep_to_dustpan_of_size       # on the device
 #   TRAIN_SECONDS=960 bash benchmarks/device/train_small.sh reach_target             # 3 calls in a row
