@@ -175,6 +175,15 @@ def save_checkpoint(model, processor, folder: Path, info: dict) -> Path:
     return folder
 
 
+def _training_info(folder: Path) -> dict:
+    """The llarva_train_small.json of a train-small model folder, or an error saying what was expected."""
+    info_path = Path(folder) / TRAINING_FILE
+    if not info_path.is_file():
+        raise FileNotFoundError(f"init_from: {folder} has no {TRAINING_FILE}; expected a train-small model folder "
+                                f"(the unpacked train_small_<task>_model.tar)")
+    return json.loads(info_path.read_text())
+
+
 def weights_only_resume(folder: Path, options: dict, tokenizer) -> dict:
     """An unfinished checkpoint folder as a `train_model` resume: weights, step, clock, no optimizer.
 
@@ -187,12 +196,7 @@ def weights_only_resume(folder: Path, options: dict, tokenizer) -> dict:
     """
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
-    folder = Path(folder)
-    info_path = folder / TRAINING_FILE
-    if not info_path.is_file():
-        raise FileNotFoundError(f"init_from: {folder} has no {TRAINING_FILE}; expected a train-small model folder "
-                                f"(the unpacked train_small_<task>_model.tar)")
-    info = json.loads(info_path.read_text())
+    info = _training_info(folder)
     saved = info.get("options", {})
     if saved != options:
         differ = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
@@ -982,6 +986,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         if progress:
             tqdm.write(f"train-small {task}: {name} {json.dumps(facts, default=str)[:300]}")
 
+    if init_from is not None:
+        _training_info(init_from)    # a wrong path fails now, not after minutes of demos
     # 1-2. demos and annotations
     recorded = record_demos(task, demos, data_root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
                             seed=demo_seed, variation=variation, render_quality=render_quality, action_noise=action_noise,

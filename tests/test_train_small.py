@@ -328,7 +328,8 @@ def test_a_returned_checkpoint_continues_the_training_on_a_fresh_machine(tmp_pat
     with pytest.raises(ValueError, match="has finished its training"):
         train_small(TASK, tmp_path / "call3", init_from=tmp_path / "call2" / MODEL_DIR, **common)
     with pytest.raises(FileNotFoundError, match="expected a train-small model folder"):
-        train_small(TASK, tmp_path / "call3", init_from=tmp_path / "nowhere", **common)
+        train_small(TASK, tmp_path / "call4", init_from=tmp_path / "nowhere", **common)
+    assert not (tmp_path / "call4" / "data").exists()      # refused before any demo is recorded
 
 
 def test_the_evaluation_reserve_is_kept_only_where_the_training_can_finish():
