@@ -275,6 +275,49 @@ def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(t
     env.close()
 
 
+def test_replan_every_holds_each_answer_and_still_advances_the_history(tmp_path, load_script):
+    """benchmarks/replan_every.py: with R=3 the policy answers at steps 0, 3, 6, the action is held
+    in between, and each answer's prompt is the one llarva eval builds (the history of every step)."""
+    from llarva_policy import LlarvaPolicy
+    from llarva_policy.model import make_random_llava
+
+    benchmark = load_script("benchmarks/replan_every.py")
+    checkpoint = make_random_llava(tmp_path / "tiny", size="tiny", seed=0)
+    policy = LlarvaPolicy.from_pretrained(checkpoint, constrained=True)
+    with pytest.raises(ValueError, match="replan_every: expected an int >= 1"):
+        benchmark.HeldAnswers(policy, 0)
+    held = benchmark.HeldAnswers(policy, 3)
+    env = gym.make("llarva/reach_target", variation=0)
+    obs, _ = env.reset(seed=3)
+    state = reference_state = None
+    answered, actions = [], []
+    for step in range(7):
+        batch = {key: np.asarray(value)[None] for key, value in obs.items()}
+        start = np.array([step == 0])
+        reference_prompts, reference_state = policy.build_prompts(batch, reference_state, start)
+        action, state = held.predict(batch, state, start)
+        np.testing.assert_array_equal(state, reference_state)
+        answered.append(bool(held.last_info[0]))
+        if answered[-1]:
+            assert held.last_info[0]["prompt"] == reference_prompts[0]
+        actions.append(action[0].copy())
+        obs, *_ = env.step(action[0])
+    env.close()
+    assert answered == [True, False, False, True, False, False, True] and held.answers == 3
+    assert all(np.array_equal(actions[i], actions[0]) for i in (1, 2))
+    assert all(np.array_equal(actions[i], actions[3]) for i in (4, 5))
+
+    out = tmp_path / "replan.json"
+    benchmark.main(["--task", "reach_target", "--checkpoint", str(checkpoint), "--episodes", "1",
+                    "--episode-length", "4", "--variation", "0", "--num-envs", "1", "--replan-every", "1,2",
+                    "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    assert [(run["replan_every"], run["episodes"], run["answers"]) for run in runs] == [(1, 1, 4), (2, 1, 2)]
+    assert (tmp_path / "replan_every1.json").is_file() and (tmp_path / "replan_every2.json").is_file()
+    with pytest.raises(SystemExit, match="--replan-every: expected comma-separated ints"):
+        benchmark.main(["--task", "reach_target", "--checkpoint", str(checkpoint), "--replan-every", "1,two"])
+
+
 def test_closed_loop_drift_training_scenes_are_the_demos_scenes(tmp_path, load_script):
     """--training-scenes starts episode k where `llarva demos --seed S` started attempt k."""
     from llarva_gym.demos import episode_dirs, load_demo

@@ -7,12 +7,13 @@
 # finishes in it. TRAIN_SECONDS=960 makes it longer than one call: then each call runs until
 # ${TOTAL_SECONDS:-530} s have passed and leaves its state in ${WORK:-/tmp/train_small}; the same
 # command run again on the same (still warm) machine continues from there, reusing the demos, the
-# tokenized data and the compiled model. Send that call at once and read the first's output after:
-# one that came more than 30 s late found a fresh machine, and the state was gone (round 15). (The
-# lent machine is given back 30 s after a call ends; the state, about 80 MB with the optimizer, is
-# more than a call can bring back, 64 MB. A call that found a fresh machine all the same goes on from
-# the checkpoint the last one returned: unpack its model tar into an ignored folder, carry it and add
-# `--init-from FOLDER/train_small_<task>_model` after `--`: the weights, fresh optimizer moments.)
+# tokenized data and the compiled model, if it comes within 30 s of the last call's end (the lent
+# machine is given back then; the state, about 80 MB with the optimizer, is more than a call can
+# bring back, 64 MB). In practice the next call has mostly found a fresh machine (rounds 15-17), so
+# give every call after the first the checkpoint the last one returned: unpack its model tar into an
+# ignored folder, carry it and add `--init-from FOLDER/train_small_<task>_model` after `--` (the
+# weights, fresh optimizer moments; a warm machine's exact state is still used first). A fresh call
+# records and prepares the data again first, about 245 s for round 17's 3,000 + 800 demos.
 #
 #   bash benchmarks/device/train_small.sh reach_target sweep_to_dustpan_of_size       # on the device
 #   TRAIN_SECONDS=960 bash benchmarks/device/train_small.sh reach_target             # 3 calls in a row
