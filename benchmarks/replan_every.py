@@ -43,7 +43,7 @@ class HeldAnswers:
         n = len(next_state)
         if self.held is None or len(self.held) != n:
             self.held, self.age = np.zeros((n, 8), dtype=np.float32), np.full(n, self.replan_every)
-        starts = np.ones(n, bool) if episode_start is None else np.asarray(episode_start, bool).reshape(n)
+        starts = np.zeros(n, bool) if episode_start is None else np.asarray(episode_start, bool).reshape(n)
         self.age[starts] = self.replan_every
         due = np.flatnonzero(self.age >= self.replan_every)
         self.last_info = [{} for _ in range(n)]
