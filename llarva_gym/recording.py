@@ -44,6 +44,10 @@ deterministic; the replay checks the joint positions at every driven step), and 
 over as before. The driven episodes are the driver's own, but a language model's answers can
 differ by float rounding with the batch they were computed in, so they are not bit-for-bit those
 of `driver_num_envs=None`.
+The driven steps are also kept in `<out>/<task>/driven_starts.npz` (a few MB for 800 attempts),
+and a run that finds that file, recorded with the same settings, replays the attempts it holds
+instead of driving them again: a folder re-recorded on another machine (a device call that finds
+a fresh machine, with the file carried there) skips the driving, most of a takeover set's time.
 
 Processes. `processes=N` runs attempts in N worker processes (the "spawn" start method: a forked
 OpenGL context is not safe), each with its own env; results come back in attempt order and
@@ -63,6 +67,7 @@ import shutil
 import sys
 import time
 import warnings
+import zipfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -175,6 +180,58 @@ class ReplayDriver:
                                       f"{found.tolist()}, the driver chose its action at {expected.tolist()}; the "
                                       f"replaying env must be made with the driving env's settings")
         return self.driven.actions[step], step + 1
+
+
+DRIVEN_STARTS_FILE = "driven_starts.npz"   # in <out>/<task>/: the batched driver's steps of each attempt
+
+
+def driven_starts_path(out, task: str) -> Path:
+    """Where `record_demos` keeps the driven steps of the attempts it drove: `<out>/<task>/driven_starts.npz`."""
+    return Path(out) / resolve_task(task) / DRIVEN_STARTS_FILE
+
+
+def save_driven_starts(path, settings: dict, driven: dict) -> None:
+    """Write `driven` ({attempt: DrivenStart}) and the recording settings to `path`, atomically."""
+    path = Path(path)
+    attempts = sorted(driven)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(temp, "wb") as file:
+        np.savez_compressed(file, settings=np.array(json.dumps(settings, sort_keys=True)),
+                            attempts=np.array(attempts, dtype=np.int64),
+                            lengths=np.array([len(driven[a].actions) for a in attempts], dtype=np.int64),
+                            actions=np.concatenate([driven[a].actions for a in attempts]).astype(np.float32),
+                            joint_positions=np.concatenate([driven[a].joint_positions for a in attempts]).astype(np.float32))
+    os.replace(temp, path)
+
+
+def load_driven_starts(path, settings: dict) -> dict:
+    """The {attempt: DrivenStart} saved at `path` by a run with these `settings`; {} if there is no
+    file. A file from a run with other settings is not used (a warning names them): the attempts
+    are driven again. A damaged file is an error that says to remove it."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path) as stored:
+            recorded = json.loads(str(stored["settings"]))
+            attempts, lengths = stored["attempts"], stored["lengths"]
+            actions, positions = stored["actions"], stored["joint_positions"]
+        if (len(attempts) != len(lengths) or actions.shape != (int(lengths.sum()), 8)
+                or positions.shape != (int(lengths.sum()), 7)):
+            raise ValueError(f"arrays of mismatched sizes (attempts {len(attempts)}, lengths {len(lengths)}, "
+                             f"actions {actions.shape}, joint_positions {positions.shape})")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: not a readable driven-starts file ({type(error).__name__}: {error}); remove it "
+                         f"to drive the attempts again") from None
+    settings = json.loads(json.dumps(settings))    # as JSON has it (tuples become lists)
+    differing = sorted(key for key in set(recorded) | set(settings) if recorded.get(key) != settings.get(key))
+    if differing:
+        warnings.warn(f"{path}: recorded with other settings ({', '.join(f'{k}: {recorded.get(k)!r}' for k in differing)}); "
+                      f"not replayed, the attempts are driven again", RuntimeWarning, stacklevel=3)
+        return {}
+    ends = np.cumsum(lengths)
+    return {int(a): DrivenStart(actions[end - k:end], positions[end - k:end])
+            for a, k, end in zip(attempts, lengths, ends)}
 
 
 def drive_attempts(envs, policy, seed: int, attempts, driver_steps: int, progress: bool = False) -> dict:
@@ -389,7 +446,8 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
 
     Summary: task, episodes_dir, episodes (in the folder now), episodes_written (by this call),
     attempts, failures (list of {attempt, reason}), complete, seconds, demos_per_minute, and with
-    `driver_num_envs` driving_seconds (of seconds, those spent driving).
+    `driver_num_envs` driving_seconds (of seconds, those spent driving) and, where a saved
+    `driven_starts.npz` was replayed, replayed_from_file (attempts).
     """
     started = time.perf_counter()
     task = resolve_task(task)
@@ -421,12 +479,19 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
     bar = tqdm(total=episodes, initial=min(len(existing), episodes), desc=f"demos {task}", unit="demo",
                disable=not progress, dynamic_ncols=True)
     pool = driving = None
-    driven: dict[int, DrivenStart] = {}
+    # Every attempt's driven steps known so far (saved by an earlier run, maybe on another machine),
+    # and those still to replay.
+    starts_path = driven_starts_path(out, task)
+    known = load_driven_starts(starts_path, settings) if driver is not None else {}
+    driven: dict[int, DrivenStart] = {a: start for a, start in known.items() if a >= next_attempt}
+    from_file, replayed_from_file = set(driven), 0
+    batched_driver = None
     try:
         if missing and driver_num_envs:
             # The recording processes replay what the main process drove: they need no driver.
-            driving = _BatchedDriving(settings, driver, driver_num_envs, progress)
-            driver = None
+            batched_driver, driver = driver, None
+            if not all(a in driven for a in range(next_attempt, next_attempt + missing)):
+                driving = _BatchedDriving(settings, batched_driver, driver_num_envs, progress)
         if missing and processes == 1:
             _start_worker(settings, str(folder), driver)
         elif missing:
@@ -439,10 +504,16 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
         under_way: deque = deque()
         while written < missing:
             while len(under_way) < min(window, missing - written) and next_attempt < attempt_limit:
-                if driving is not None and next_attempt not in driven:
+                if batched_driver is not None and next_attempt not in driven:
+                    if driving is None:   # the saved starts ran out: more attempts failed than they cover
+                        driving = _BatchedDriving(settings, batched_driver, driver_num_envs, progress, fork=False)
                     # Drive every attempt still needed at once (one batch: all of them, at first).
                     count = min(missing - written - len(under_way), attempt_limit - next_attempt)
-                    driven.update(driving.drive(range(next_attempt, next_attempt + count)))
+                    new = driving.drive([a for a in range(next_attempt, next_attempt + count) if a not in driven])
+                    driven.update(new)
+                    known.update(new)
+                    save_driven_starts(starts_path, settings, known)
+                replayed_from_file += next_attempt in from_file
                 start = driven.pop(next_attempt, None)
                 under_way.append(_Done(_run_attempt(next_attempt, start)) if pool is None
                                  else pool.submit(_run_attempt, next_attempt, start))
@@ -480,6 +551,8 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
                "seconds": round(seconds, 3), "demos_per_minute": round(60 * written / seconds, 2)}
     if driving is not None:     # of `seconds`, those the batched driver took
         summary["driving_seconds"] = round(driving.seconds, 3)
+    if replayed_from_file:      # attempts replayed from driven_starts.npz, not driven by this run
+        summary["replayed_from_file"] = replayed_from_file
     if not summary["complete"]:
         warnings.warn(f"record_demos: {task}: stopped after {attempts} attempts ({len(failures)} failed) with "
                       f"{summary['episodes']} of {episodes} episodes; last failure: "
@@ -497,12 +570,13 @@ class _BatchedDriving:
     """The driver and its vector env in the main process, for `drive_attempts`. The env workers
     are forked before the driver is made (which may start CUDA), or spawned if CUDA runs already."""
 
-    def __init__(self, settings: dict, make_driver, num_envs: int, progress: bool):
+    def __init__(self, settings: dict, make_driver, num_envs: int, progress: bool, fork: bool = True):
         torch = sys.modules.get("torch")
         cuda_started = torch is not None and torch.cuda.is_initialized()
         self.settings, self.progress, self.seconds = settings, progress, 0.0
+        # `fork=False`: made while the recording processes' pool runs (its threads make a fork unsafe).
         self.envs = make_vec(f"llarva/{settings['task']}", num_envs, autoreset_mode=gym.vector.AutoresetMode.DISABLED,
-                             context="spawn" if cuda_started else "fork", cameras=settings["cameras"],
+                             context="fork" if fork and not cuda_started else "spawn", cameras=settings["cameras"],
                              image_size=settings["image_size"], depth=settings["depth"], variation=settings["variation"],
                              max_episode_steps=settings["max_episode_steps"], render_quality=settings["render_quality"])
         try:

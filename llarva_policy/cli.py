@@ -65,6 +65,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--history-noise", type=float, default=0.0)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--template", default="training", help="training | released_inference")
+        p.add_argument("--processes", type=int, default=1, help="worker processes annotating blocks of episodes")
     elif command == "finetune":
         p.add_argument("--model", required=True, help="LLaVA checkpoint (transformers or original layout)")
         p.add_argument("--data", required=True, help="annotation JSON")
@@ -210,7 +211,7 @@ def _run(command: str, args: argparse.Namespace) -> None:
         from llarva_policy.annotations import annotate
         count = annotate(args.data, args.out, args.task, visual_trace=args.visual_trace,
                          trace_points=args.trace_points, history_noise=args.history_noise, seed=args.seed,
-                         template=args.template)
+                         template=args.template, processes=args.processes)
         print(f"wrote {count} annotations to {args.out}")
     elif command == "finetune":
         from llarva_policy.finetune import finetune

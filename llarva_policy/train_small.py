@@ -156,8 +156,9 @@ def build_model(tokenizer, size: str = "small", seed: int = 0):
     return model, processor
 
 
-def save_checkpoint(model, processor, folder: Path, info: dict) -> Path:
-    """Write the model (bf16) and processor in transformers' layout, replacing `folder` atomically."""
+def save_checkpoint(model, processor, folder: Path, info: dict, extra_files: dict | None = None) -> Path:
+    """Write the model (bf16) and processor in transformers' layout, replacing `folder` atomically.
+    `extra_files` ({name: path}): files copied in beside them."""
     folder = Path(folder)
     temp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
@@ -168,6 +169,8 @@ def save_checkpoint(model, processor, folder: Path, info: dict) -> Path:
     half.save_pretrained(temp)
     processor.save_pretrained(temp)
     (temp / TRAINING_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    for name, source in (extra_files or {}).items():
+        shutil.copyfile(source, temp / name)
     if folder.exists():
         os.rename(folder, old)
     os.rename(temp, folder)
@@ -800,9 +803,9 @@ def _record_takeover(task, root: Path, driver, episodes: int, steps: int, *, dem
                                 driver_name=str(Path(driver).resolve()), driver_num_envs=num_envs, progress=progress)
     annotations = root.with_name(f"{root.name}_annotations.json")
     annotate(root, annotations, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
-             history_noise=history_noise, progress=progress)
+             history_noise=history_noise, processes=processes, progress=progress)
     return {"episodes": recorded["episodes"], "seconds": recorded["seconds"], "failures": len(recorded["failures"]),
-            "driving_seconds": recorded.get("driving_seconds"),
+            "driving_seconds": recorded.get("driving_seconds"), "replayed": recorded.get("replayed_from_file", 0),
             "annotations": load_annotations(annotations, root)}
 
 
@@ -856,7 +859,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     Rerunning into the same `out` continues the demos, continues an unfinished training (same
     options) where it stopped, keeps a finished model and continues the evaluations.
     `init_from`: an unfinished model folder of the same command (a call's returned checkpoint),
-    continued where no `training_state.pt` is (a fresh machine): `weights_only_resume`.
+    continued where no `training_state.pt` is (a fresh machine): `weights_only_resume`. A DAgger
+    round's checkpoint also holds its takeover sets' driven steps (`takeover*_driven_starts.npz`),
+    which such a call replays instead of driving the attempts again.
     `eval_episodes=0` skips both evaluations (run `llarva eval` on the model folder later).
 
     `visual_trace`: the answers also hold the end effector's future path in the image
@@ -892,7 +897,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     `isolate_evaluation`: run each evaluation in a fresh process (default: when this process has
     started CUDA; see the evaluation step).
     """
-    from llarva_gym.recording import record_demos
+    from llarva_gym.recording import DRIVEN_STARTS_FILE, driven_starts_path, record_demos
     from llarva_gym.registration import resolve_task
     from llarva_policy.annotations import annotate
 
@@ -993,23 +998,35 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                             seed=demo_seed, variation=variation, render_quality=render_quality, action_noise=action_noise,
                             progress=progress)
     stage("demos", episodes=recorded["episodes"], seconds=recorded["seconds"], failures=len(recorded["failures"]))
+    clock = time.perf_counter()
     annotate(data_root, annotations_path, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
-             history_noise=history_noise, progress=progress)
+             history_noise=history_noise, processes=processes, progress=progress)
+    annotate_seconds = round(time.perf_counter() - clock, 2)
     if takeover_num_envs is None:
         takeover_num_envs = 32 if device.type == "cuda" else 0
+    # The takeover sets' driven steps travel in the checkpoint: a call continuing it on a fresh
+    # machine (`init_from`) replays them instead of driving the attempts again (`record_demos`).
+    driven_starts = {}
     for k, folder in enumerate(drivers):
         root = takeover_folder(out, k)
+        saved = driven_starts_path(root, task)
+        carried = None if init_from is None else Path(init_from) / f"{root.name}_{DRIVEN_STARTS_FILE}"
+        if carried is not None and carried.is_file() and not saved.is_file():
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(carried, saved)
         takeover = _record_takeover(task, root, folder, takeover_demos, takeover_steps, demo_seed=demo_seed + 1 + k,
                                     variation=variation, render_quality=render_quality, action_noise=action_noise,
                                     processes=processes, num_envs=takeover_num_envs or None, seed=seed,
                                     visual_trace=visual_trace, trace_points=trace_points,
                                     history_noise=history_noise, progress=progress)
         _append_annotations(annotations_path, data_root, takeover["annotations"], root)
+        if saved.is_file():
+            driven_starts[f"{root.name}_{DRIVEN_STARTS_FILE}"] = saved
         stage(root.name, driver=str(folder), episodes=takeover["episodes"], seconds=takeover["seconds"],
-              driving_seconds=takeover["driving_seconds"], failures=takeover["failures"],
+              driving_seconds=takeover["driving_seconds"], replayed=takeover["replayed"], failures=takeover["failures"],
               samples=len(takeover["annotations"]), driven_at_a_time=takeover_num_envs)
     entries = load_annotations(annotations_path, data_root)
-    stage("annotations", samples=len(entries))
+    stage("annotations", samples=len(entries), annotate_seconds=annotate_seconds)
 
     # 3-5. tokenizer, model, training (skipped if a finished model trained with these options is there)
     finished = model_dir / TRAINING_FILE
@@ -1052,7 +1069,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
 
         def on_checkpoint(model, log, state):
             info = {"options": options, "finished": log["stopped_by"] in ("time", "steps"), "training": log}
-            save_checkpoint(model, processor, model_dir, info)
+            save_checkpoint(model, processor, model_dir, info, extra_files=driven_starts)
             if info["finished"]:
                 state_path.unlink(missing_ok=True)
             else:

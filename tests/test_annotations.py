@@ -305,3 +305,30 @@ def test_entries_label_with_the_experts_command_when_the_demo_was_recorded_with_
         "The next action step: [0.25, -0.125, 0.0, 0.0625, 0.0, 0.0, 0.5, 1.0]")
     assert entries[1]["conversations"][1]["value"] == (   # no command stored: the executed velocity
         "The next action step: [0.2, -0.1, 0.0, 0.1, 0.0, 0.0, -0.5, 0.0]")
+
+
+def test_annotate_in_worker_processes_writes_the_same_file(tmp_path):
+    """Real recorded demos (takeover-style gaps in the ids are not involved): blocks of episodes
+    annotated in 2 worker processes give exactly the file one process writes, noise included,
+    and a policy-driven step is still left out with the ids counting on without a gap."""
+    from llarva_gym.recording import POLICY_STEP_KEY, record_demos
+
+    root = tmp_path / "data"
+    record_demos("reach_target", 40, root, image_size=32, seed=3, progress=False)
+    # Mark the first step of episode 0 as driven: its entry goes, the rest keep consecutive ids.
+    episode0 = root / "reach_target" / "all_variations" / "episodes" / "episode0"
+    from llarva_gym.demos import load_demo, save_demo
+    demo = load_demo(episode0)
+    demo[1].misc[POLICY_STEP_KEY] = True
+    save_demo(demo, episode0, overwrite=True)
+
+    options = dict(visual_trace=True, trace_points=3, history_noise=0.01, seed=7, progress=False)
+    annotate(root, tmp_path / "one.json", "reach_target", processes=1, **options)
+    annotate(root, tmp_path / "two.json", "reach_target", processes=2, **options)
+    one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "two"))
+    assert one == two
+    assert sorted(e["id"] for e in one) == list(range(len(one)))
+    assert not any(e["image"].endswith("episode0/front_rgb/0.png") for e in one)
+    assert any(e["image"].endswith("episode0/front_rgb/1.png") for e in one)
+    with pytest.raises(ValueError, match="processes: expected an int >= 1"):
+        annotate(root, tmp_path / "bad.json", "reach_target", processes=0)

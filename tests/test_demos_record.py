@@ -377,7 +377,10 @@ def test_batched_driving_then_replay_records_the_same_episodes_as_driving_in_eac
     options = dict(image_size=32, cameras=("front",), seed=3, progress=False, driver=SteerByJoints, driver_steps=6)
     record_demos("reach_target", 3, tmp_path / "direct", **options)
     summary = record_demos("reach_target", 3, tmp_path / "batched", processes=2, driver_num_envs=2, **options)
-    assert summary["complete"] and snapshot(tmp_path / "batched") == snapshot(tmp_path / "direct")
+    batched = snapshot(tmp_path / "batched")
+    # The batched run also keeps its driven steps (the next test replays them elsewhere).
+    assert batched.pop(f"reach_target/{recording.DRIVEN_STARTS_FILE}")
+    assert summary["complete"] and batched == snapshot(tmp_path / "direct")
     driven = [recording.takeover_step(info["reset_seed"], 6) for info in episode_info(tmp_path / "direct", "reach_target")]
     assert len(set(driven)) > 1          # attempts of different lengths ran side by side
     for bad in (0, True, 1.5):
@@ -385,6 +388,50 @@ def test_batched_driving_then_replay_records_the_same_episodes_as_driving_in_eac
             record_demos("reach_target", 1, tmp_path / "bad", driver_num_envs=bad, **options)
     with pytest.raises(ValueError, match="driver_num_envs"):
         record_demos("reach_target", 1, tmp_path / "bad", image_size=32, progress=False, driver_num_envs=2)
+
+
+class MustNotDrive:
+    """A driver factory for a run that should replay every attempt from a saved file."""
+
+    def __call__(self):
+        raise AssertionError("the driver was made, but every attempt's driven steps were saved")
+
+
+def test_saved_driven_starts_are_replayed_elsewhere_without_the_driver(tmp_path):
+    """A batched run keeps its driven steps in <out>/<task>/driven_starts.npz; another folder that
+    gets that file (another machine, with the file carried there) records the same episodes byte
+    for byte without making the driver. A file from other settings is not used (a warning); a
+    damaged one is an error that says to remove it."""
+    options = dict(image_size=32, cameras=("front",), seed=3, progress=False, driver_steps=6, driver_num_envs=2,
+                   driver_name="steer")
+    first = record_demos("reach_target", 3, tmp_path / "driven", driver=SteerByJoints, **options)
+    saved = recording.driven_starts_path(tmp_path / "driven", "reach_target")
+    assert saved.is_file() and first["driving_seconds"] > 0 and "replayed_from_file" not in first
+    starts = recording.load_driven_starts(saved, recording._settings(
+        "reach_target", ("front",), 32, False, None, 3, None, "fast", 0.0, "steer", 6))
+    assert len(starts) >= 3 and all(1 <= len(s.actions) <= 6 for s in starts.values())
+
+    copy = recording.driven_starts_path(tmp_path / "replayed", "reach_target")
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(saved.read_bytes())
+    again = record_demos("reach_target", 3, tmp_path / "replayed", driver=MustNotDrive(), **options)
+    assert again["replayed_from_file"] == again["attempts"] and "driving_seconds" not in again
+    assert snapshot(tmp_path / "replayed") == snapshot(tmp_path / "driven")
+
+    # Other settings (another driver): not replayed, driven again, with a warning naming the setting.
+    other = recording.driven_starts_path(tmp_path / "other", "reach_target")
+    other.parent.mkdir(parents=True)
+    other.write_bytes(saved.read_bytes())
+    with pytest.warns(RuntimeWarning, match=r"recorded with other settings \(driver: 'steer'\)"):
+        summary = record_demos("reach_target", 1, tmp_path / "other", driver=SteerByJoints,
+                               **{**options, "driver_name": "another"})
+    assert summary["driving_seconds"] > 0 and "replayed_from_file" not in summary
+
+    damaged = recording.driven_starts_path(tmp_path / "damaged", "reach_target")
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(saved.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"driven_starts.npz: not a readable driven-starts file .* remove it"):
+        record_demos("reach_target", 1, tmp_path / "damaged", driver=SteerByJoints, **options)
 
 
 def test_a_replay_that_leaves_the_driven_states_stops_the_run(tmp_path, monkeypatch):

@@ -332,6 +332,34 @@ def test_a_returned_checkpoint_continues_the_training_on_a_fresh_machine(tmp_pat
     assert not (tmp_path / "call4" / "data").exists()      # refused before any demo is recorded
 
 
+def test_a_dagger_round_continued_on_a_fresh_machine_replays_its_takeover_instead_of_driving(tmp_path):
+    """The checkpoint of a DAgger round holds its takeover set's driven steps; a call that
+    continues it in a fresh `out` (`init_from`, a fresh machine) replays them: the same takeover
+    episodes, byte for byte, without driving a single attempt."""
+    from llarva_gym.recording import DRIVEN_STARTS_FILE
+
+    common = dict(size="toy", demos=2, batch_size=4, visual_trace=True, trace_points=3, eval_episodes=0,
+                  progress=False)
+    train_small(TASK, tmp_path / "round1", max_steps=2, **common)
+    dagger = dict(driver=str(tmp_path / "round1" / MODEL_DIR), takeover_demos=2, takeover_steps=3,
+                  takeover_num_envs=2, train_seconds=11.0, **common)
+    first = train_small(TASK, tmp_path / "call1", run_seconds=1.0, eval_reserve_seconds=0.0, **dagger)
+    assert first["training"]["stopped_by"] == "stop_seconds"
+    assert first["stages"]["takeover"]["driving_seconds"] > 0 and first["stages"]["takeover"]["replayed"] == 0
+    returned = tmp_path / "returned"
+    shutil.copytree(tmp_path / "call1" / MODEL_DIR, returned)
+    assert (returned / f"takeover_{DRIVEN_STARTS_FILE}").is_file()
+
+    second = train_small(TASK, tmp_path / "call2", init_from=returned, **dagger)
+    takeover = second["stages"]["takeover"]
+    assert takeover["driving_seconds"] is None and takeover["replayed"] == takeover["episodes"] + takeover["failures"]
+    assert second["stages"]["data"]["resumed_from"] == "weights"
+
+    def files(root):
+        return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+    assert files(tmp_path / "call2" / "takeover") == files(tmp_path / "call1" / "takeover")
+
+
 def test_the_evaluation_reserve_is_kept_only_where_the_training_can_finish():
     from llarva_policy.train_small import PAUSE_MARGIN_SECONDS, sitting_seconds
 

@@ -13,7 +13,10 @@
 # give every call after the first the checkpoint the last one returned: unpack its model tar into an
 # ignored folder, carry it and add `--init-from FOLDER/train_small_<task>_model` after `--` (the
 # weights, fresh optimizer moments; a warm machine's exact state is still used first). A fresh call
-# records and prepares the data again first, about 245 s for round 17's 3,000 + 800 demos.
+# records and prepares the data again first, about 245 s for round 17's 3,000 + 800 demos; with
+# `--init-from` it replays a DAgger round's takeover attempts from the checkpoint's
+# takeover_driven_starts.npz instead of driving them again (86 s of those 245).
+# The carried folders (.gl .whl .gymr) come from benchmarks/device/prepare.sh, run here first.
 #
 #   bash benchmarks/device/train_small.sh reach_target sweep_to_dustpan_of_size       # on the device
 #   TRAIN_SECONDS=960 bash benchmarks/device/train_small.sh reach_target             # 3 calls in a row
