@@ -48,6 +48,8 @@ The driven steps are also kept in `<out>/<task>/driven_starts.npz` (a few MB for
 and a run that finds that file, recorded with the same settings, replays the attempts it holds
 instead of driving them again: a folder re-recorded on another machine (a device call that finds
 a fresh machine, with the file carried there) skips the driving, most of a takeover set's time.
+Should that machine's simulator not reach the same states (the replay's check fails), the file's
+starts are dropped with a warning and the attempts driven again.
 
 Processes. `processes=N` runs attempts in N worker processes (the "spawn" start method: a forked
 OpenGL context is not safe), each with its own env; results come back in attempt order and
@@ -501,6 +503,10 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
         # Keep as many attempts under way as there are episodes still missing (at most 2 per
         # process, so none waits for work): with a successful expert, none is wasted at the end.
         window = 1 if pool is None else 2 * processes
+
+        def run(index: int, start: DrivenStart | None):
+            return _Later(_run_attempt, index, start) if pool is None else pool.submit(_run_attempt, index, start)
+
         under_way: deque = deque()
         while written < missing:
             while len(under_way) < min(window, missing - written) and next_attempt < attempt_limit:
@@ -513,14 +519,36 @@ def record_demos(task: str, episodes: int, out, *, image_size=128, cameras=("fro
                     driven.update(new)
                     known.update(new)
                     save_driven_starts(starts_path, settings, known)
-                replayed_from_file += next_attempt in from_file
                 start = driven.pop(next_attempt, None)
-                under_way.append(_Done(_run_attempt(next_attempt, start)) if pool is None
-                                 else pool.submit(_run_attempt, next_attempt, start))
+                under_way.append((next_attempt, next_attempt in from_file, run(next_attempt, start)))
                 next_attempt += 1
             if not under_way:
                 break
-            result: Attempt = under_way.popleft().result()
+            index, saved_start, future = under_way.popleft()
+            try:
+                result: Attempt = future.result()
+                replayed_from_file += saved_start
+            except ReplayDivergedError as error:
+                if not saved_start:
+                    raise
+                # The saved starts do not replay on this machine (its simulator differs in the last
+                # digits): forget them all and drive this attempt and the rest again.
+                if from_file:
+                    warnings.warn(f"{starts_path}: the saved driven steps do not replay here ({error}); driving the "
+                                  f"attempts again", RuntimeWarning, stacklevel=2)
+                    for attempt in from_file:
+                        driven.pop(attempt, None)
+                        known.pop(attempt, None)
+                    from_file.clear()
+                if batched_driver is None:     # the recording processes drive themselves
+                    result = run(index, None).result()
+                else:
+                    if driving is None:
+                        driving = _BatchedDriving(settings, batched_driver, driver_num_envs, progress, fork=False)
+                    new = driving.drive([index])
+                    known.update(new)
+                    save_driven_starts(starts_path, settings, known)
+                    result = run(index, new[index]).result()
             attempts += 1
             if not result.success:
                 failures.append({"attempt": result.index, "reason": result.reason})
@@ -596,11 +624,12 @@ class _BatchedDriving:
         self.envs.close()
 
 
-class _Done:
-    """An attempt run in this process, with a future's `result()` like those run by the pool."""
+class _Later:
+    """An attempt run in this process when its `result()` is asked for, as a future of the pool's
+    (whose errors, a diverged replay's among them, also come from `result()`)."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
 
     def result(self):
-        return self.value
+        return self.function(*self.args)

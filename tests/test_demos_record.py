@@ -5,6 +5,7 @@ interruption or a hard kill, and the `llarva demos` command."""
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -432,6 +433,35 @@ def test_saved_driven_starts_are_replayed_elsewhere_without_the_driver(tmp_path)
     damaged.write_bytes(saved.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"driven_starts.npz: not a readable driven-starts file .* remove it"):
         record_demos("reach_target", 1, tmp_path / "damaged", driver=SteerByJoints, **options)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_saved_driven_starts_that_do_not_replay_here_are_driven_again(tmp_path, processes):
+    """A saved file whose states this machine's simulator does not reach (here: its joint positions
+    nudged, as another machine's last digits would differ) is dropped with a warning and the
+    attempts driven again: the same episodes as driving them in the first place, not a stopped run."""
+    options = dict(image_size=32, cameras=("front",), seed=3, progress=False, driver=SteerByJoints, driver_steps=6,
+                   driver_num_envs=2, driver_name="steer")
+    record_demos("reach_target", 3, tmp_path / "driven", **options)
+    saved = recording.driven_starts_path(tmp_path / "driven", "reach_target")
+    with np.load(saved) as stored:
+        arrays = dict(stored)
+    arrays["joint_positions"] = arrays["joint_positions"] + 0.01
+    elsewhere = recording.driven_starts_path(tmp_path / "elsewhere", "reach_target")
+    elsewhere.parent.mkdir(parents=True)
+    np.savez(elsewhere, **arrays)
+    with pytest.warns(RuntimeWarning, match="do not replay here"):
+        summary = record_demos("reach_target", 3, tmp_path / "elsewhere", processes=processes, **options)
+    assert summary["complete"] and "replayed_from_file" not in summary and summary["driving_seconds"] > 0
+    episodes = {name: data for name, data in snapshot(tmp_path / "elsewhere").items() if "episode" in name}
+    assert episodes == {name: data for name, data in snapshot(tmp_path / "driven").items() if "episode" in name}
+    # The file now holds the steps driven here, which replay.
+    assert record_demos("reach_target", 3, tmp_path / "again", **options)
+    again = recording.driven_starts_path(tmp_path / "again", "reach_target")
+    again.write_bytes(elsewhere.read_bytes())
+    shutil.rmtree(tmp_path / "again" / "reach_target" / "all_variations")
+    assert record_demos("reach_target", 3, tmp_path / "again", **{**options, "driver": MustNotDrive()})[
+        "replayed_from_file"] >= 3
 
 
 def test_a_replay_that_leaves_the_driven_states_stops_the_run(tmp_path, monkeypatch):
