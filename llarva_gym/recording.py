@@ -44,7 +44,7 @@ deterministic; the replay checks the joint positions at every driven step), and 
 over as before. The driven episodes are the driver's own, but a language model's answers can
 differ by float rounding with the batch they were computed in, so they are not bit-for-bit those
 of `driver_num_envs=None`.
-The driven steps are also kept in `<out>/<task>/driven_starts.npz` (a few MB for 800 attempts),
+The driven steps are also kept in `<out>/<task>/driven_starts.npz` (about 1 MB for 800 attempts),
 and a run that finds that file, recorded with the same settings, replays the attempts it holds
 instead of driving them again: a folder re-recorded on another machine (a device call that finds
 a fresh machine, with the file carried there) skips the driving, most of a takeover set's time.

@@ -158,8 +158,9 @@ def annotate(data_root: str | os.PathLike, out_json: str | os.PathLike, task: st
     then shuffled. The same seed gives the same file (noise and order), whatever `processes` is:
     each episode's history noise comes from its own stream. `processes` > 1 annotates blocks of
     episodes in that many worker processes (3,000 demos took 37 s in one on the GPU host, a
-    sixth of a device call's set-up). The file is written atomically: a reader never sees half of
-    it. Returns the number of entries.
+    sixth of a device call's set-up; the workers come from a forkserver, so a script calling this
+    needs the `if __name__ == "__main__":` guard). The file is written atomically: a reader never
+    sees half of it. Returns the number of entries.
     """
     template = codec.get_template(template)
     if isinstance(trace_points, bool) or not isinstance(trace_points, int) or trace_points < 1:
