@@ -382,3 +382,43 @@ def test_depth_cue_benchmark_finds_the_target_and_its_shadow(tmp_path, load_scri
                     "high: and the shadow's position"]
     with pytest.raises(SystemExit):
         benchmark.main(["--scenes", "3", "--out", str(out)])
+
+
+def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_evals_episodes(tmp_path, load_script):
+    """benchmarks/bc_baseline.py: its samples are annotate's (the same steps, the same expert labels
+    and joint history), its policy keeps the history as LlarvaPolicy does, and a run writes the
+    baseline's and the expert's results on the same episodes."""
+    from llarva_gym.recording import record_demos
+    from llarva_policy import codec
+    from llarva_policy.annotations import annotate
+
+    benchmark = load_script("benchmarks/bc_baseline.py")
+    data = tmp_path / "data"
+    record_demos("reach_target", 2, data, image_size=32, seed=0, variation=0, action_noise=0.3, progress=False)
+    samples = benchmark.load_samples(data, "reach_target")
+    annotate(data, tmp_path / "a.json", "reach_target", shuffle=False, progress=False)
+    entries = json.loads((tmp_path / "a.json").read_text())
+    assert len(entries) == len(samples["labels"]) > 10
+    for entry, label, history in zip(entries, samples["labels"], samples["histories"]):
+        answer = codec.parse_answer(entry["conversations"][1]["value"])
+        np.testing.assert_allclose(answer.action[:7], label.numpy(), atol=6e-5)
+        written = codec.format_history([row for row in history.numpy().astype(np.float64) if np.any(row)])
+        assert written in entry["conversations"][0]["value"]
+    assert not samples["histories"][0][:-1].any()          # the first step: only the current pose
+
+    model = benchmark.VisuomotorPolicy()
+    policy = benchmark.BaselinePolicy(model.eval())
+    obs = {"front_rgb": np.zeros((2, 32, 32, 3), np.uint8), "joint_positions": np.ones((2, 7), np.float32)}
+    action, state = policy.predict(obs, None, np.array([True, True]))
+    assert action.shape == (2, 8) and np.all(action[:, 7] == 1.0) and np.isnan(state[:, :-1]).all()
+    _, state = policy.predict({**obs, "joint_positions": np.full((2, 7), 2.0, np.float32)}, state,
+                              np.array([False, True]))
+    assert state[0, -2, 0] == 1.0 and np.isnan(state[1, -2, 0]) and np.all(state[:, -1] == 2.0)
+
+    out = tmp_path / "bc.json"
+    benchmark.main(["--demos", "2", "--data", str(tmp_path / "run"), "--train-seconds", "2", "--episodes", "1",
+                    "--render-quality", "fast", "--num-envs", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["training"]["steps"] > 0 and report["expert"]["episodes"] == report["baseline"]["episodes"] == 1
+    assert report["expert"]["successes"] == 1
+    assert (tmp_path / "bc_baseline_episodes.json").is_file() and (tmp_path / "bc_expert_episodes.json").is_file()

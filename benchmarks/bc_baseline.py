@@ -1,0 +1,205 @@
+"""A conventional behaviour-cloning baseline on train-small's demos: how far does a model built for
+visuomotor control get on a task, from the same front image, joint history and labels?
+
+    python benchmarks/bc_baseline.py --task reach_target --variation 0 --demos 1500 --train-seconds 1800 \
+        --episodes 100 --seed 1 --render-quality high --action-noise 0.3
+
+Not a LLARVA policy: a small CNN whose feature maps become keypoints through a spatial soft-argmax
+(Levine et al. 2016's visuomotor policy), concatenated with the five-step joint history of
+LLARVA's prompt (zeros before the episode's first step, as there) and mapped by an MLP to the seven
+joint velocities; the label of step t is what `annotate` writes (the expert's command stored with
+step t + 1), the loss MSE on velocities scaled per joint. Demos as `llarva train-small` records
+them (demo seed 0, `--action-noise` DART), evaluation as `llarva eval` runs it (same episodes for a
+seed, same rendering), the scripted expert on the same episodes. Where this reaches the aim and the
+LLaVA model does not, the limit is how the LLaVA model reads the image or writes its answers; where
+it does not either, the limit is what the front camera and the demos give.
+Prints a table and writes JSON (default benchmarks/results/bc_baseline_<task>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from llarva_gym.demos import episode_dirs, load_demo
+from llarva_gym.evaluation import evaluate
+from llarva_gym.files import write_json_atomic
+from llarva_gym.recording import EXPERT_ACTION_KEY, POLICY_STEP_KEY, record_demos
+from llarva_gym.registration import resolve_task
+from llarva_policy.codec import HISTORY_STEPS
+from llarva_policy.policy import _advance_history
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+JOINTS = 7
+
+
+def load_samples(data_root: Path, task: str) -> dict:
+    """Every labelled step of the demos: image (uint8 CHW), joint history (5, 7), expert velocities (7,)."""
+    images, histories, labels = [], [], []
+    for folder in tqdm(episode_dirs(data_root, task), desc="loading demos", unit="episode", mininterval=10):
+        demo = load_demo(folder)
+        positions = np.stack([np.asarray(o.joint_positions, dtype=np.float32) for o in demo])
+        for t in range(len(demo) - 1):
+            label = demo[t + 1]
+            if (label.misc or {}).get(POLICY_STEP_KEY):
+                continue
+            history = np.zeros((HISTORY_STEPS, JOINTS), np.float32)
+            steps = positions[max(0, t - HISTORY_STEPS + 1):t + 1]
+            history[HISTORY_STEPS - len(steps):] = steps
+            images.append(np.asarray(demo[t].front_rgb, dtype=np.uint8).transpose(2, 0, 1))
+            histories.append(history)
+            labels.append(np.asarray((label.misc or {}).get(EXPERT_ACTION_KEY, label.joint_velocities),
+                                     dtype=np.float32)[:JOINTS])
+    return {"images": torch.from_numpy(np.stack(images)), "histories": torch.from_numpy(np.stack(histories)),
+            "labels": torch.from_numpy(np.stack(labels))}
+
+
+class SpatialSoftArgmax(nn.Module):
+    """(B, C, H, W) feature maps -> (B, 2C): each channel's expected (x, y) in [-1, 1]."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = features.shape
+        weights = torch.softmax(features.reshape(b, c, h * w), dim=-1).reshape(b, c, h, w)
+        xs = torch.linspace(-1.0, 1.0, w, device=features.device)
+        ys = torch.linspace(-1.0, 1.0, h, device=features.device)
+        return torch.cat([(weights.sum(2) * xs).sum(-1), (weights.sum(3) * ys).sum(-1)], dim=1)
+
+
+class VisuomotorPolicy(nn.Module):
+    def __init__(self, keypoints: int = 32, hidden: int = 256):
+        super().__init__()
+        self.vision = nn.Sequential(
+            nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, keypoints, 3, padding=1), SpatialSoftArgmax())
+        self.head = nn.Sequential(nn.Linear(2 * keypoints + HISTORY_STEPS * JOINTS, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, JOINTS))
+        self.register_buffer("label_scale", torch.ones(JOINTS))
+
+    def forward(self, images: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
+        """Scaled velocities (divide by nothing: multiply by `label_scale` for rad/s)."""
+        keypoints = self.vision(images.float() / 255.0 - 0.5)
+        return self.head(torch.cat([keypoints, histories.flatten(1)], dim=1))
+
+
+def train(model: VisuomotorPolicy, data: dict, *, seconds: float, batch_size: int, lr: float, seed: int) -> dict:
+    """AdamW, cosine decay on the clock; returns the log."""
+    model.label_scale.copy_(data["labels"].std(0).clamp_min(1e-3))
+    targets = data["labels"] / model.label_scale
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    n, step, history, started = len(targets), 0, [], time.perf_counter()
+    order, position = torch.randperm(n, generator=generator), 0
+    bar = tqdm(desc="train", unit="step", mininterval=10)
+    while (elapsed := time.perf_counter() - started) < seconds:
+        if position + batch_size > n:
+            order, position = torch.randperm(n, generator=generator), 0
+        rows = order[position:position + batch_size]
+        position += batch_size
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
+        loss = nn.functional.mse_loss(model(data["images"][rows], data["histories"][rows]), targets[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 100 == 0:
+            history.append({"step": step, "seconds": round(elapsed, 1), "loss": round(loss.item(), 5)})
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.update(1)
+    bar.close()
+    model.eval()
+    return {"steps": step, "epochs": round(step * batch_size / n, 2), "seconds": round(time.perf_counter() - started, 1),
+            "samples": n, "batch_size": batch_size, "lr": lr, "final_loss": history[-1]["loss"] if history else None,
+            "history": history}
+
+
+class BaselinePolicy:
+    """Stable-Baselines3's `predict` around the model, keeping the joint history as `LlarvaPolicy` does."""
+
+    def __init__(self, model: VisuomotorPolicy):
+        self.model = model
+
+    def predict(self, observation, state=None, episode_start=None, deterministic=True):
+        images = np.asarray(observation["front_rgb"])
+        single = images.ndim == 3
+        images = images[None] if single else images
+        positions = np.asarray(observation["joint_positions"], dtype=np.float32).reshape(len(images), JOINTS)
+        state = _advance_history(state, episode_start, positions)
+        with torch.no_grad():
+            scaled = self.model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+                                torch.from_numpy(np.nan_to_num(state, nan=0.0)))
+        velocities = (scaled * self.model.label_scale).numpy()
+        actions = np.concatenate([velocities, np.ones((len(images), 1), np.float32)], axis=1)
+        return (actions[0] if single else actions), state
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="reach_target")
+    parser.add_argument("--variation", type=int, default=0)
+    parser.add_argument("--demos", type=int, default=1500)
+    parser.add_argument("--data", default=None, help="demo folder to record into or reuse (default: a temp folder)")
+    parser.add_argument("--action-noise", type=float, default=0.3, help="DART noise of the demos (train-small's: 0.3)")
+    parser.add_argument("--render-quality", default="high", choices=("fast", "high"))
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--train-seconds", type=float, default=1800.0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=1, help="evaluation seed (llarva eval's --seed)")
+    parser.add_argument("--num-envs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    task = resolve_task(args.task)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else RESULTS_DIR / f"bc_baseline_{task}.json"
+    data_root = Path(args.data) if args.data else out.with_suffix("") / "data"
+    report = {"benchmark": "bc_baseline", "task": task, "variation": args.variation, "demos": args.demos,
+              "demo_seed": 0, "action_noise": args.action_noise, "render_quality": args.render_quality,
+              "eval_seed": args.seed, "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "cpu_threads": torch.get_num_threads()}
+
+    recorded = record_demos(task, args.demos, data_root, image_size=128, cameras=("front",), processes=args.processes,
+                            seed=0, variation=args.variation, render_quality=args.render_quality,
+                            action_noise=args.action_noise)
+    report["recording_seconds"] = recorded["seconds"]
+    data = load_samples(data_root, task)
+    torch.manual_seed(0)
+    model = VisuomotorPolicy()
+    report["parameters"] = sum(p.numel() for p in model.parameters())
+    report["training"] = train(model, data, seconds=args.train_seconds, batch_size=args.batch_size, lr=args.lr, seed=0)
+    write_json_atomic(out, report)
+
+    common = dict(episodes=args.episodes, seed=args.seed, num_envs=args.num_envs, render_quality=args.render_quality,
+                  variation=args.variation)
+    for name, policy in (("baseline", BaselinePolicy(model)), ("expert", "expert")):
+        results = evaluate(policy, task, results_path=out.with_name(f"{out.stem}_{name}_episodes.json"), **common)
+        report[name] = results["summary"]
+        write_json_atomic(out, report)
+
+    print(f"\n{task}, variation {args.variation}, {report['training']['samples']} samples, "
+          f"{report['training']['steps']} steps in {report['training']['seconds']} s")
+    print(f"{'policy':<10} {'successes':>10} {'rate':>6}")
+    for name in ("baseline", "expert"):
+        summary = report[name]
+        print(f"{name:<10} {summary['successes']:>6}/{summary['episodes']:<3} {summary['success_rate']:>6.2f}")
+    print(json.dumps({name: report[name]["success_rate"] for name in ("baseline", "expert")}))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
