@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from llarva_gym.action_modes import VELOCITY_LIMIT
 from llarva_gym.demos import episode_dirs, load_demo
 from llarva_gym.evaluation import evaluate
 from llarva_gym.files import write_json_atomic
@@ -126,10 +127,12 @@ def train(model: VisuomotorPolicy, data: dict, *, seconds: float, batch_size: in
 
 
 class BaselinePolicy:
-    """Stable-Baselines3's `predict` around the model, keeping the joint history as `LlarvaPolicy` does."""
+    """Stable-Baselines3's `predict` around the model, keeping the joint history as `LlarvaPolicy` does.
+    A regression can leave the Panda's velocity limits, which the env refuses: such a velocity is
+    clipped to its limit, and counted (`clipped`)."""
 
     def __init__(self, model: VisuomotorPolicy):
-        self.model = model
+        self.model, self.clipped = model, 0
 
     def predict(self, observation, state=None, episode_start=None, deterministic=True):
         images = np.asarray(observation["front_rgb"])
@@ -141,6 +144,8 @@ class BaselinePolicy:
             scaled = self.model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
                                 torch.from_numpy(np.nan_to_num(state, nan=0.0)))
         velocities = (scaled * self.model.label_scale).numpy()
+        self.clipped += int(np.sum(np.abs(velocities) > VELOCITY_LIMIT))
+        velocities = np.clip(velocities, -VELOCITY_LIMIT, VELOCITY_LIMIT)
         actions = np.concatenate([velocities, np.ones((len(images), 1), np.float32)], axis=1)
         return (actions[0] if single else actions), state
 
@@ -173,23 +178,42 @@ def main(argv=None) -> dict:
               "eval_seed": args.seed, "versions": {"torch": torch.__version__, "python": platform.python_version()},
               "cpu_threads": torch.get_num_threads()}
 
-    recorded = record_demos(task, args.demos, data_root, image_size=128, cameras=("front",), processes=args.processes,
-                            seed=0, variation=args.variation, render_quality=args.render_quality,
-                            action_noise=args.action_noise)
-    report["recording_seconds"] = recorded["seconds"]
-    data = load_samples(data_root, task)
     torch.manual_seed(0)
     model = VisuomotorPolicy()
     report["parameters"] = sum(p.numel() for p in model.parameters())
-    report["training"] = train(model, data, seconds=args.train_seconds, batch_size=args.batch_size, lr=args.lr, seed=0)
+    # The trained weights are kept: an evaluation cut short reruns without training again.
+    weights = out.with_suffix(".pt")
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    same_run = all(previous.get(key) == report[key] for key in ("task", "variation", "demos", "action_noise",
+                                                                 "render_quality"))
+    if weights.is_file() and "training" in previous and same_run:
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.eval()
+        report["training"] = previous["training"]
+    else:
+        recorded = record_demos(task, args.demos, data_root, image_size=128, cameras=("front",),
+                                processes=args.processes, seed=0, variation=args.variation,
+                                render_quality=args.render_quality, action_noise=args.action_noise)
+        report["recording_seconds"] = recorded["seconds"]
+        data = load_samples(data_root, task)
+        report["training"] = train(model, data, seconds=args.train_seconds, batch_size=args.batch_size, lr=args.lr,
+                                   seed=0)
+        del data
+        # Episodes of another model's evaluation would be resumed as this one's.
+        out.with_name(f"{out.stem}_baseline_episodes.json").unlink(missing_ok=True)
+        torch.save(model.state_dict(), weights.with_name(f".{weights.name}.tmp"))
+        weights.with_name(f".{weights.name}.tmp").replace(weights)
     write_json_atomic(out, report)
 
     common = dict(episodes=args.episodes, seed=args.seed, num_envs=args.num_envs, render_quality=args.render_quality,
                   variation=args.variation)
-    for name, policy in (("baseline", BaselinePolicy(model)), ("expert", "expert")):
+    baseline = BaselinePolicy(model)
+    for name, policy in (("baseline", baseline), ("expert", "expert")):
         results = evaluate(policy, task, results_path=out.with_name(f"{out.stem}_{name}_episodes.json"), **common)
         report[name] = results["summary"]
         write_json_atomic(out, report)
+    report["baseline"]["clipped_velocities"] = baseline.clipped
+    write_json_atomic(out, report)
 
     print(f"\n{task}, variation {args.variation}, {report['training']['samples']} samples, "
           f"{report['training']['steps']} steps in {report['training']['seconds']} s")

@@ -414,6 +414,9 @@ def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_eval
     _, state = policy.predict({**obs, "joint_positions": np.full((2, 7), 2.0, np.float32)}, state,
                               np.array([False, True]))
     assert state[0, -2, 0] == 1.0 and np.isnan(state[1, -2, 0]) and np.all(state[:, -1] == 2.0)
+    model.label_scale.fill_(1e4)        # velocities beyond the Panda's limits: clipped to them, counted
+    action, _ = policy.predict(obs, None, np.array([True, True]))
+    assert np.all(np.abs(action[:, :7]) <= benchmark.VELOCITY_LIMIT) and policy.clipped > 0
 
     out = tmp_path / "bc.json"
     benchmark.main(["--demos", "2", "--data", str(tmp_path / "run"), "--train-seconds", "2", "--episodes", "1",
@@ -422,3 +425,9 @@ def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_eval
     assert report["training"]["steps"] > 0 and report["expert"]["episodes"] == report["baseline"]["episodes"] == 1
     assert report["expert"]["successes"] == 1
     assert (tmp_path / "bc_baseline_episodes.json").is_file() and (tmp_path / "bc_expert_episodes.json").is_file()
+    # Run again: the kept weights are evaluated, not trained anew.
+    assert (tmp_path / "bc.pt").is_file()
+    benchmark.main(["--demos", "2", "--data", str(tmp_path / "run"), "--train-seconds", "2", "--episodes", "1",
+                    "--render-quality", "fast", "--num-envs", "1", "--out", str(out)])
+    again = json.loads(out.read_text())
+    assert again["training"] == report["training"] and "recording_seconds" not in again
