@@ -76,22 +76,51 @@ class SpatialSoftArgmax(nn.Module):
         return torch.cat([(weights.sum(2) * xs).sum(-1), (weights.sum(3) * ys).sum(-1)], dim=1)
 
 
-class VisuomotorPolicy(nn.Module):
-    def __init__(self, keypoints: int = 32, hidden: int = 256):
+class PatchTokens(nn.Module):
+    """train-small's vision tower (`SHAPES["small"]`: a 4-layer CLIP ViT, 16 px patches, 64 tokens of
+    192), randomly initialised, its patch tokens each reduced to 16 numbers: what the LLaVA model's
+    language model gets to see of the image, here read by an MLP instead."""
+
+    def __init__(self, image_size: int = 128):
         super().__init__()
-        self.vision = nn.Sequential(
-            nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, keypoints, 3, padding=1), SpatialSoftArgmax())
-        self.head = nn.Sequential(nn.Linear(2 * keypoints + HISTORY_STEPS * JOINTS, hidden), nn.ReLU(),
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+        from llarva_policy.train_small import SHAPES
+
+        shape = SHAPES["small"][0]
+        self.tower = CLIPVisionModel(CLIPVisionConfig(image_size=image_size, num_channels=3, **shape))
+        self.reduce = nn.Linear(shape["hidden_size"], 16)
+        self.features = (image_size // shape["patch_size"]) ** 2 * 16
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.tower(pixel_values=images).last_hidden_state[:, 1:]    # the patch tokens, CLS left out
+        return self.reduce(tokens).flatten(1)
+
+
+class VisuomotorPolicy(nn.Module):
+    """`vision="cnn"`: a CNN and a spatial soft-argmax (32 keypoints); `vision="vit"`: `PatchTokens`."""
+
+    def __init__(self, vision: str = "cnn", keypoints: int = 32, hidden: int = 256):
+        super().__init__()
+        if vision == "cnn":
+            self.vision = nn.Sequential(
+                nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.ReLU(),
+                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(32, keypoints, 3, padding=1), SpatialSoftArgmax())
+            features = 2 * keypoints
+        elif vision == "vit":
+            self.vision = PatchTokens()
+            features = self.vision.features
+        else:
+            raise ValueError(f"vision: expected 'cnn' or 'vit', got {vision!r}")
+        self.head = nn.Sequential(nn.Linear(features + HISTORY_STEPS * JOINTS, hidden), nn.ReLU(),
                                   nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, JOINTS))
         self.register_buffer("label_scale", torch.ones(JOINTS))
 
     def forward(self, images: torch.Tensor, histories: torch.Tensor) -> torch.Tensor:
-        """Scaled velocities (divide by nothing: multiply by `label_scale` for rad/s)."""
-        keypoints = self.vision(images.float() / 255.0 - 0.5)
-        return self.head(torch.cat([keypoints, histories.flatten(1)], dim=1))
+        """Velocities divided by `label_scale` (multiply by it for rad/s)."""
+        features = self.vision(images.float() / 255.0 - 0.5)
+        return self.head(torch.cat([features, histories.flatten(1)], dim=1))
 
 
 def train(model: VisuomotorPolicy, data: dict, *, seconds: float, batch_size: int, lr: float, seed: int) -> dict:
@@ -158,6 +187,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default=None, help="demo folder to record into or reuse (default: a temp folder)")
     parser.add_argument("--action-noise", type=float, default=0.3, help="DART noise of the demos (train-small's: 0.3)")
     parser.add_argument("--render-quality", default="high", choices=("fast", "high"))
+    parser.add_argument("--vision", default="cnn", choices=("cnn", "vit"),
+                        help="cnn: CNN + spatial soft-argmax; vit: train-small's ViT, its patch tokens to the MLP")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--train-seconds", type=float, default=1800.0)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -173,19 +204,20 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else RESULTS_DIR / f"bc_baseline_{task}.json"
     data_root = Path(args.data) if args.data else out.with_suffix("") / "data"
-    report = {"benchmark": "bc_baseline", "task": task, "variation": args.variation, "demos": args.demos,
+    report = {"benchmark": "bc_baseline", "task": task, "vision": args.vision, "variation": args.variation,
+              "demos": args.demos,
               "demo_seed": 0, "action_noise": args.action_noise, "render_quality": args.render_quality,
               "eval_seed": args.seed, "versions": {"torch": torch.__version__, "python": platform.python_version()},
               "cpu_threads": torch.get_num_threads()}
 
     torch.manual_seed(0)
-    model = VisuomotorPolicy()
+    model = VisuomotorPolicy(args.vision)
     report["parameters"] = sum(p.numel() for p in model.parameters())
     # The trained weights are kept: an evaluation cut short reruns without training again.
     weights = out.with_suffix(".pt")
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    same_run = all(previous.get(key) == report[key] for key in ("task", "variation", "demos", "action_noise",
-                                                                 "render_quality"))
+    same_run = all(previous.get(key) == report[key] for key in ("task", "vision", "variation", "demos",
+                                                                 "action_noise", "render_quality"))
     if weights.is_file() and "training" in previous and same_run:
         model.load_state_dict(torch.load(weights, weights_only=True))
         model.eval()

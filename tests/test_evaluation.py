@@ -9,6 +9,7 @@ import imageio.v2 as imageio
 import mujoco
 import numpy as np
 import pytest
+import torch
 
 import llarva_gym  # noqa: F401
 from llarva_gym import ScriptedExpert
@@ -417,6 +418,13 @@ def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_eval
     model.label_scale.fill_(1e4)        # velocities beyond the Panda's limits: clipped to them, counted
     action, _ = policy.predict(obs, None, np.array([True, True]))
     assert np.all(np.abs(action[:, :7]) <= benchmark.VELOCITY_LIMIT) and policy.clipped > 0
+
+    # The ViT variant: train-small's vision tower, its 64 patch tokens to the MLP.
+    vit = benchmark.VisuomotorPolicy("vit").eval()
+    with torch.no_grad():
+        assert vit(torch.zeros(2, 3, 128, 128, dtype=torch.uint8), torch.zeros(2, 5, 7)).shape == (2, 7)
+    with pytest.raises(ValueError, match="vision: expected 'cnn' or 'vit'"):
+        benchmark.VisuomotorPolicy("resnet")
 
     out = tmp_path / "bc.json"
     benchmark.main(["--demos", "2", "--data", str(tmp_path / "run"), "--train-seconds", "2", "--episodes", "1",
