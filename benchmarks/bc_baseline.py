@@ -42,6 +42,7 @@ from llarva_policy.policy import _advance_history
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 JOINTS = 7
+VISION_TOWERS = {"vit": "small", "swin": "small-swin"}   # --vision -> train-small's size of that tower
 
 
 def load_samples(data_root: Path, task: str) -> dict:
@@ -77,27 +78,31 @@ class SpatialSoftArgmax(nn.Module):
 
 
 class PatchTokens(nn.Module):
-    """train-small's vision tower (`SHAPES["small"]`: a 4-layer CLIP ViT, 16 px patches, 64 tokens of
-    192), randomly initialised, its patch tokens each reduced to 16 numbers: what the LLaVA model's
-    language model gets to see of the image, here read by an MLP instead."""
+    """A train-small vision tower (`SHAPES[size]`, randomly initialised; "small": a 4-layer CLIP ViT
+    with 16 px patches, "small-swin": a Swin with 4 px patches), its 64 image tokens as the LLaVA
+    model takes them (`vision_feature_layer=-1`, CLIP's CLS left out) each reduced to 16 numbers:
+    what the language model gets to see of the image, here read by an MLP instead."""
 
-    def __init__(self, image_size: int = 128):
+    def __init__(self, size: str = "small"):
         super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-        from llarva_policy.train_small import SHAPES
+        from transformers import AutoModel
+        from llarva_policy.model import tower_grid
+        from llarva_policy.train_small import IMAGE_SIZE, vision_tower_config
 
-        shape = SHAPES["small"][0]
-        self.tower = CLIPVisionModel(CLIPVisionConfig(image_size=image_size, num_channels=3, **shape))
-        self.reduce = nn.Linear(shape["hidden_size"], 16)
-        self.features = (image_size // shape["patch_size"]) ** 2 * 16
+        config = vision_tower_config(size)
+        self.tower = AutoModel.from_config(config)
+        self.drop_first = config.model_type != "swin"
+        stride, _ = tower_grid(config)
+        self.reduce = nn.Linear(config.hidden_size, 16)
+        self.features = (IMAGE_SIZE // stride) ** 2 * 16
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.tower(pixel_values=images).last_hidden_state[:, 1:]    # the patch tokens, CLS left out
-        return self.reduce(tokens).flatten(1)
+        tokens = self.tower(pixel_values=images, output_hidden_states=True).hidden_states[-1]
+        return self.reduce(tokens[:, 1:] if self.drop_first else tokens).flatten(1)
 
 
 class VisuomotorPolicy(nn.Module):
-    """`vision="cnn"`: a CNN and a spatial soft-argmax (32 keypoints); `vision="vit"`: `PatchTokens`."""
+    """`vision="cnn"`: a CNN and a spatial soft-argmax (32 keypoints); "vit", "swin": `PatchTokens`."""
 
     def __init__(self, vision: str = "cnn", keypoints: int = 32, hidden: int = 256):
         super().__init__()
@@ -108,11 +113,11 @@ class VisuomotorPolicy(nn.Module):
                 nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
                 nn.Conv2d(32, keypoints, 3, padding=1), SpatialSoftArgmax())
             features = 2 * keypoints
-        elif vision == "vit":
-            self.vision = PatchTokens()
+        elif vision in VISION_TOWERS:
+            self.vision = PatchTokens(VISION_TOWERS[vision])
             features = self.vision.features
         else:
-            raise ValueError(f"vision: expected 'cnn' or 'vit', got {vision!r}")
+            raise ValueError(f"vision: expected 'cnn' or one of {sorted(VISION_TOWERS)}, got {vision!r}")
         self.head = nn.Sequential(nn.Linear(features + HISTORY_STEPS * JOINTS, hidden), nn.ReLU(),
                                   nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, JOINTS))
         self.register_buffer("label_scale", torch.ones(JOINTS))
@@ -187,8 +192,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--data", default=None, help="demo folder to record into or reuse (default: a temp folder)")
     parser.add_argument("--action-noise", type=float, default=0.3, help="DART noise of the demos (train-small's: 0.3)")
     parser.add_argument("--render-quality", default="high", choices=("fast", "high"))
-    parser.add_argument("--vision", default="cnn", choices=("cnn", "vit"),
-                        help="cnn: CNN + spatial soft-argmax; vit: train-small's ViT, its patch tokens to the MLP")
+    parser.add_argument("--vision", default="cnn", choices=("cnn", *VISION_TOWERS),
+                        help="cnn: CNN + spatial soft-argmax; vit, swin: train-small's tower of --size small or "
+                             "small-swin, its image tokens to the MLP")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--train-seconds", type=float, default=1800.0)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -252,15 +252,27 @@ def tiny_llava_config(tokenizer, *, size: str = "tiny", image_size: int | None =
     )
 
 
+def tower_grid(vision_config) -> tuple[int, int]:
+    """(pixels per image feature along a side, extra tokens) of a vision tower's last hidden state.
+
+    CLIP: its patch size and one CLS token. Swin: its patch size doubled by each patch merging
+    between stages, no CLS token.
+    """
+    if vision_config.model_type == "swin":
+        return vision_config.patch_size * 2 ** (len(vision_config.depths) - 1), 0
+    return vision_config.patch_size, 1
+
+
 def _make_processor(tokenizer, vision_config, image_processor, select_strategy: str = "default") -> LlavaProcessor:
     # The processor writes (crop/patch)^2 + num_additional_image_tokens, minus 1 if the strategy is
     # "default" (CLS dropped), copies of <image>: the number of features the model scatters in.
+    stride, extra_tokens = tower_grid(vision_config)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=vision_config.patch_size,
+        patch_size=stride,
         vision_feature_select_strategy=select_strategy,
-        num_additional_image_tokens=1,  # CLIP's CLS token
+        num_additional_image_tokens=extra_tokens,
         image_token=IMAGE_TOKEN,
     )
 
@@ -462,7 +474,8 @@ def _finish(model, processor, tokenizer, layout: str, path: Path) -> LoadedLlava
     # The placeholders the processor writes for one image must match the features the tower makes,
     # or every forward pass fails with a count mismatch deep inside the model: check once, here.
     vision = config.vision_config
-    num_features = (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+    stride, extra_tokens = tower_grid(vision)
+    num_features = (vision.image_size // stride) ** 2 + extra_tokens * (config.vision_feature_select_strategy == "full")
     probe = processor(images=Image.new("RGB", (vision.image_size, vision.image_size)), text=image_token)
     num_image_tokens = probe["input_ids"][0].count(image_token_id)
     if num_image_tokens != num_features:

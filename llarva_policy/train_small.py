@@ -79,6 +79,7 @@ from llarva_policy.model import (
     build_tokenizer,
     resolve_device,
     tiny_llava_config,
+    tower_grid,
 )
 
 IMAGE_SIZE = 128   # the stored front_rgb images; the CLIP tower takes them as they are
@@ -95,6 +96,15 @@ SHAPES = {
     # is seen by more than one token.
     "small-patch8": (
         dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3, patch_size=8),
+        dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
+    ),
+    # A Swin tower (Liu et al. 2021) in the CLIP ViT's place: 4 px patches attending within shifted
+    # 8x8 windows, merged twice into the same 64 image tokens of 192. A from-scratch ViT's 16 px
+    # patches localise reach's small sphere poorly (benchmarks/bc_baseline.py: a CNN regression
+    # on the same demos 89%, the ViT 21%); convolution-like locality is what a tower trained from
+    # a few thousand scenes lacks. Still LLaVA: tower, two-layer projector, Llama.
+    "small-swin": (
+        dict(model_type="swin", embed_dim=48, depths=[2, 2, 2], num_heads=[3, 6, 12], window_size=8, patch_size=4),
         dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
     ),
     # ~19M parameters: a wider, deeper tower and Llama, for runs that have the time.
@@ -132,12 +142,28 @@ def small_llava_config(tokenizer, size: str = "small"):
         raise ValueError(f"size: expected one of {sorted(SHAPES)}, got {size!r}")
     vision, text = SHAPES[size]
     config = tiny_llava_config(tokenizer, size="small", image_size=IMAGE_SIZE)
-    config.vision_config.update({**vision, "projection_dim": vision["hidden_size"]})
     config.text_config.update({**text, "num_key_value_heads": text["num_attention_heads"],
                                "head_dim": text["hidden_size"] // text["num_attention_heads"]})
-    config.image_seq_length = (IMAGE_SIZE // vision["patch_size"]) ** 2
     config.vision_feature_layer = -1
+    if vision.get("model_type") == "swin":
+        config.vision_config = vision_tower_config(size)
+        config.vision_feature_select_strategy = "full"  # Swin has no CLS token to drop
+    else:
+        config.vision_config.update({**vision, "projection_dim": vision["hidden_size"]})
+    stride, _ = tower_grid(config.vision_config)
+    config.image_seq_length = (IMAGE_SIZE // stride) ** 2
     return config
+
+
+def vision_tower_config(size: str):
+    """The transformers config of `SHAPES[size]`'s vision tower, for 128 px images."""
+    from transformers import CLIPVisionConfig, SwinConfig
+
+    vision = dict(SHAPES[size][0])
+    if vision.pop("model_type", "clip_vision_model") == "swin":
+        return SwinConfig(image_size=IMAGE_SIZE, num_channels=3, drop_path_rate=0.0, **vision)
+    return CLIPVisionConfig(image_size=IMAGE_SIZE, num_channels=3, projection_dim=vision["hidden_size"],
+                            hidden_act="quick_gelu", layer_norm_eps=1e-5, **vision)
 
 
 def build_model(tokenizer, size: str = "small", seed: int = 0):
@@ -152,7 +178,8 @@ def build_model(tokenizer, size: str = "small", seed: int = 0):
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(model.generation_config, name, getattr(tokenizer, name))
     image_processor = _clip_image_processor(IMAGE_SIZE, pad_to_square=True)
-    processor = _make_processor(tokenizer, config.vision_config, image_processor)
+    processor = _make_processor(tokenizer, config.vision_config, image_processor,
+                                config.vision_feature_select_strategy)
     return model, processor
 
 
