@@ -19,11 +19,13 @@ Prints a table and writes JSON (default benchmarks/results/bc_baseline_<task>.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,25 +47,33 @@ JOINTS = 7
 VISION_TOWERS = {"vit": "small", "swin": "small-swin"}   # --vision -> train-small's size of that tower
 
 
-def load_samples(data_root: Path, task: str) -> dict:
-    """Every labelled step of the demos: image (uint8 CHW), joint history (5, 7), expert velocities (7,)."""
+def demo_samples(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One demo's labelled steps: images (uint8 CHW), joint histories (5, 7), expert velocities (7,)."""
+    demo = load_demo(folder)
+    positions = np.stack([np.asarray(o.joint_positions, dtype=np.float32) for o in demo])
     images, histories, labels = [], [], []
-    for folder in tqdm(episode_dirs(data_root, task), desc="loading demos", unit="episode", mininterval=10):
-        demo = load_demo(folder)
-        positions = np.stack([np.asarray(o.joint_positions, dtype=np.float32) for o in demo])
-        for t in range(len(demo) - 1):
-            label = demo[t + 1]
-            if (label.misc or {}).get(POLICY_STEP_KEY):
-                continue
-            history = np.zeros((HISTORY_STEPS, JOINTS), np.float32)
-            steps = positions[max(0, t - HISTORY_STEPS + 1):t + 1]
-            history[HISTORY_STEPS - len(steps):] = steps
-            images.append(np.asarray(demo[t].front_rgb, dtype=np.uint8).transpose(2, 0, 1))
-            histories.append(history)
-            labels.append(np.asarray((label.misc or {}).get(EXPERT_ACTION_KEY, label.joint_velocities),
-                                     dtype=np.float32)[:JOINTS])
-    return {"images": torch.from_numpy(np.stack(images)), "histories": torch.from_numpy(np.stack(histories)),
-            "labels": torch.from_numpy(np.stack(labels))}
+    for t in range(len(demo) - 1):
+        label = demo[t + 1]
+        if (label.misc or {}).get(POLICY_STEP_KEY):
+            continue
+        history = np.zeros((HISTORY_STEPS, JOINTS), np.float32)
+        steps = positions[max(0, t - HISTORY_STEPS + 1):t + 1]
+        history[HISTORY_STEPS - len(steps):] = steps
+        images.append(np.asarray(demo[t].front_rgb, dtype=np.uint8).transpose(2, 0, 1))
+        histories.append(history)
+        labels.append(np.asarray((label.misc or {}).get(EXPERT_ACTION_KEY, label.joint_velocities),
+                                 dtype=np.float32)[:JOINTS])
+    return np.stack(images), np.stack(histories), np.stack(labels)
+
+
+def load_samples(data_root: Path, task: str, processes: int = 1) -> dict:
+    """Every labelled step of the demos (`demo_samples`), in episode order, read by `processes` workers."""
+    folders = episode_dirs(data_root, task)
+    with ProcessPoolExecutor(processes) if processes > 1 else contextlib.nullcontext() as pool:
+        demos = (pool.map(demo_samples, folders, chunksize=8) if pool else map(demo_samples, folders))
+        parts = list(tqdm(demos, total=len(folders), desc="loading demos", unit="episode", mininterval=10))
+    return {name: torch.from_numpy(np.concatenate([part[i] for part in parts]))
+            for i, name in enumerate(("images", "histories", "labels"))}
 
 
 class SpatialSoftArgmax(nn.Module):
@@ -130,8 +140,10 @@ class VisuomotorPolicy(nn.Module):
 
 def train(model: VisuomotorPolicy, data: dict, *, seconds: float, batch_size: int, lr: float, seed: int) -> dict:
     """AdamW, cosine decay on the clock; returns the log."""
-    model.label_scale.copy_(data["labels"].std(0).clamp_min(1e-3))
-    targets = data["labels"] / model.label_scale
+    device = model.label_scale.device
+    model.label_scale.copy_(data["labels"].std(0).clamp_min(1e-3).to(device))
+    targets = (data["labels"].to(device) / model.label_scale)
+    images, histories = data["images"].to(device), data["histories"].to(device)   # uint8 images: 5 GB for 3,000 demos
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     n, step, history, started = len(targets), 0, [], time.perf_counter()
@@ -140,11 +152,11 @@ def train(model: VisuomotorPolicy, data: dict, *, seconds: float, batch_size: in
     while (elapsed := time.perf_counter() - started) < seconds:
         if position + batch_size > n:
             order, position = torch.randperm(n, generator=generator), 0
-        rows = order[position:position + batch_size]
+        rows = order[position:position + batch_size].to(device)
         position += batch_size
         for group in optimizer.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / seconds)))
-        loss = nn.functional.mse_loss(model(data["images"][rows], data["histories"][rows]), targets[rows])
+        loss = nn.functional.mse_loss(model(images[rows], histories[rows]), targets[rows])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -174,10 +186,11 @@ class BaselinePolicy:
         images = images[None] if single else images
         positions = np.asarray(observation["joint_positions"], dtype=np.float32).reshape(len(images), JOINTS)
         state = _advance_history(state, episode_start, positions)
+        device = self.model.label_scale.device
         with torch.no_grad():
-            scaled = self.model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
-                                torch.from_numpy(np.nan_to_num(state, nan=0.0)))
-        velocities = (scaled * self.model.label_scale).numpy()
+            scaled = self.model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(device),
+                                torch.from_numpy(np.nan_to_num(state, nan=0.0)).to(device))
+        velocities = (scaled * self.model.label_scale).cpu().numpy()
         self.clipped += int(np.sum(np.abs(velocities) > VELOCITY_LIMIT))
         velocities = np.clip(velocities, -VELOCITY_LIMIT, VELOCITY_LIMIT)
         actions = np.concatenate([velocities, np.ones((len(images), 1), np.float32)], axis=1)
@@ -203,6 +216,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=1, help="evaluation seed (llarva eval's --seed)")
     parser.add_argument("--num-envs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if there is one, else cpu)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     task = resolve_task(args.task)
@@ -216,8 +230,10 @@ def main(argv=None) -> dict:
               "eval_seed": args.seed, "versions": {"torch": torch.__version__, "python": platform.python_version()},
               "cpu_threads": torch.get_num_threads()}
 
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     torch.manual_seed(0)
-    model = VisuomotorPolicy(args.vision)
+    model = VisuomotorPolicy(args.vision).to(device)
     report["parameters"] = sum(p.numel() for p in model.parameters())
     # The trained weights are kept: an evaluation cut short reruns without training again.
     weights = out.with_suffix(".pt")
@@ -225,7 +241,7 @@ def main(argv=None) -> dict:
     same_run = all(previous.get(key) == report[key] for key in ("task", "vision", "variation", "demos",
                                                                  "action_noise", "render_quality"))
     if weights.is_file() and "training" in previous and same_run:
-        model.load_state_dict(torch.load(weights, weights_only=True))
+        model.load_state_dict(torch.load(weights, weights_only=True, map_location=device))
         model.eval()
         report["training"] = previous["training"]
     else:
@@ -233,7 +249,7 @@ def main(argv=None) -> dict:
                                 processes=args.processes, seed=0, variation=args.variation,
                                 render_quality=args.render_quality, action_noise=args.action_noise)
         report["recording_seconds"] = recorded["seconds"]
-        data = load_samples(data_root, task)
+        data = load_samples(data_root, task, args.processes)
         report["training"] = train(model, data, seconds=args.train_seconds, batch_size=args.batch_size, lr=args.lr,
                                    seed=0)
         del data

@@ -66,7 +66,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
 import zipfile
@@ -599,12 +598,10 @@ class _BatchedDriving:
     are forked before the driver is made (which may start CUDA), or spawned if CUDA runs already."""
 
     def __init__(self, settings: dict, make_driver, num_envs: int, progress: bool, fork: bool = True):
-        torch = sys.modules.get("torch")
-        cuda_started = torch is not None and torch.cuda.is_initialized()
         self.settings, self.progress, self.seconds = settings, progress, 0.0
         # `fork=False`: made while the recording processes' pool runs (its threads make a fork unsafe).
         self.envs = make_vec(f"llarva/{settings['task']}", num_envs, autoreset_mode=gym.vector.AutoresetMode.DISABLED,
-                             context="fork" if fork and not cuda_started else "spawn", cameras=settings["cameras"],
+                             context=None if fork else "spawn", cameras=settings["cameras"],
                              image_size=settings["image_size"], depth=settings["depth"], variation=settings["variation"],
                              max_episode_steps=settings["max_episode_steps"], render_quality=settings["render_quality"])
         try:

@@ -1,5 +1,7 @@
 """The task table and its Gymnasium ids: `llarva/<rlbench_name>` and short aliases."""
 
+import sys
+
 import gymnasium as gym
 
 from llarva_gym.backends.mujoco.tasks import TASKS as _EMBEDDED_TASKS
@@ -29,14 +31,17 @@ def resolve_task(name: str) -> str:
 
 
 def make_vec(env_id: str, num_envs: int, *, asynchronous: bool = True,
-             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, context: str = "fork", **kwargs):
+             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, context: str | None = None, **kwargs):
     """A vector env for demos and evaluation: subprocess workers, same-step autoreset (as LeRobot,
     Meta-World and ManiSkill evaluate), and no shared memory, which cannot carry a Text space.
     Workers are forked, which is safe because the software renderer runs without helper threads
     (LP_NUM_THREADS=0, see backends/mujoco/__init__.py). `autoreset_mode=DISABLED` is for
     callers that reset each finished sub-env themselves (evaluation: per-episode reset options).
-    `context="spawn"` for a process that has started CUDA: a child forked after that cannot make
-    an EGL context."""
+    A process that has started CUDA (a policy trained or run on a GPU here) spawns them instead: a
+    child forked after that cannot make an EGL context. `context` chooses explicitly."""
+    if context is None:
+        torch = sys.modules.get("torch")
+        context = "spawn" if torch is not None and torch.cuda.is_initialized() else "fork"
     if num_envs == 1 or not asynchronous:
         return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **kwargs,
                             vector_kwargs={"autoreset_mode": autoreset_mode})

@@ -331,3 +331,20 @@ def test_async_vector_env_with_expert_and_same_step_autoreset():
             break
     assert finished >= 2
     envs.close()
+
+
+def test_vector_env_workers_are_spawned_once_cuda_has_started(monkeypatch):
+    """A process that has started CUDA (a policy trained here on a GPU) cannot fork workers that
+    render with EGL: make_vec spawns them then, and spawned workers make the same episodes."""
+    import torch
+
+    reference = llarva_gym.make_vec("llarva/reach_target", 2, max_episode_steps=5)
+    assert reference.context == "fork"
+    expected, _ = reference.reset(seed=3)
+    reference.close()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    envs = llarva_gym.make_vec("llarva/reach_target", 2, max_episode_steps=5)
+    assert envs.context == "spawn"
+    obs, _ = envs.reset(seed=3)
+    np.testing.assert_array_equal(obs["front_rgb"], expected["front_rgb"])
+    envs.close()

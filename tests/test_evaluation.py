@@ -397,6 +397,8 @@ def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_eval
     data = tmp_path / "data"
     record_demos("reach_target", 2, data, image_size=32, seed=0, variation=0, action_noise=0.3, progress=False)
     samples = benchmark.load_samples(data, "reach_target")
+    in_workers = benchmark.load_samples(data, "reach_target", processes=2)
+    assert all(torch.equal(samples[name], in_workers[name]) for name in samples)
     annotate(data, tmp_path / "a.json", "reach_target", shuffle=False, progress=False)
     entries = json.loads((tmp_path / "a.json").read_text())
     assert len(entries) == len(samples["labels"]) > 10
@@ -419,11 +421,13 @@ def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_eval
     action, _ = policy.predict(obs, None, np.array([True, True]))
     assert np.all(np.abs(action[:, :7]) <= benchmark.VELOCITY_LIMIT) and policy.clipped > 0
 
-    # The ViT variant: train-small's vision tower, its 64 patch tokens to the MLP.
-    vit = benchmark.VisuomotorPolicy("vit").eval()
-    with torch.no_grad():
-        assert vit(torch.zeros(2, 3, 128, 128, dtype=torch.uint8), torch.zeros(2, 5, 7)).shape == (2, 7)
-    with pytest.raises(ValueError, match="vision: expected 'cnn' or 'vit'"):
+    # The tower variants: train-small's vision towers, their 64 image tokens to the MLP.
+    for vision in ("vit", "swin"):
+        tower = benchmark.VisuomotorPolicy(vision).eval()
+        assert tower.vision.features == 64 * 16
+        with torch.no_grad():
+            assert tower(torch.zeros(2, 3, 128, 128, dtype=torch.uint8), torch.zeros(2, 5, 7)).shape == (2, 7)
+    with pytest.raises(ValueError, match="vision: expected 'cnn' or one of"):
         benchmark.VisuomotorPolicy("resnet")
 
     out = tmp_path / "bc.json"

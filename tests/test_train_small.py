@@ -489,24 +489,35 @@ def test_a_trained_model_writes_back_the_answers_it_was_trained_on(annotated, tm
         assert generate_text(loaded, inputs, max_new_tokens=80, constrained=True) == [answer]
 
 
-def test_the_8px_patch_shape_writes_256_image_tokens_and_loads_back(annotated, tmp_path):
+@pytest.mark.parametrize("size, tokens, tower", [("small-patch8", 256, "CLIPVisionModel"),
+                                                  ("small-swin", 64, "SwinModel")])
+def test_other_tower_shapes_write_their_image_tokens_and_load_back(annotated, tmp_path, size, tokens, tower):
     data_root, entries = annotated
     tokenizer = build_tokenizer(corpus_texts=[codec.build_conversation_text(*conversation_turns(e)) for e in entries])
     assert build_model(tokenizer, "small")[0].config.image_seq_length == 64
-    model, processor = build_model(tokenizer, "small-patch8")
-    assert model.config.image_seq_length == 256
+    model, processor = build_model(tokenizer, size)
+    assert model.config.image_seq_length == tokens
     save_checkpoint(model, processor, tmp_path / "model", {})
     loaded = load_llava(tmp_path / "model", device="cpu")   # checks the processor against the tower
-    assert loaded.num_image_tokens == 256
+    assert loaded.num_image_tokens == tokens and type(loaded.model.model.vision_tower).__name__ == tower
+    image_token = loaded.tokenizer.convert_tokens_to_ids(codec.IMAGE_TOKEN)
     question, _ = conversation_turns(entries[0])
     with Image.open(data_root / entries[0]["image"]) as image:
         inputs = loaded.processor(images=[image.convert("RGB")], text=[codec.build_prompt(question)],
                                   return_tensors="pt")
-    image_token = loaded.tokenizer.convert_tokens_to_ids(codec.IMAGE_TOKEN)
-    assert int((inputs["input_ids"] == image_token).sum()) == 256
+    assert int((inputs["input_ids"] == image_token).sum()) == tokens
     with torch.no_grad():
         logits = loaded.model(**inputs).logits
     assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+    # Each image token sees its own part of the image: changing the top-left 8x8 pixels changes
+    # the first token's features more than the last's (the Swin's windows, the ViT's patches).
+    pixels = inputs["pixel_values"].clone()
+    pixels[..., :8, :8] += 1.0
+    with torch.no_grad():
+        before = loaded.model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+        after = loaded.model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    change = (after - before).norm(dim=-1)
+    assert change.shape == (tokens,) and change[0] > 10 * change[-1]
 
 
 def test_recipe_end_to_end_at_toy_scale(tmp_path):
