@@ -15,7 +15,8 @@ prove itself on what it can produce itself, in one call that fits a few minutes 
    conversations themselves (every digit its own token, as LLaMA's);
 4. model: LLaVA-1.5's architecture (CLIP ViT, two-layer GELU projector, Llama) from
    `tiny_llava_config`, resized to `SHAPES[size]` and randomly initialised with `seed`;
-   128 px images in 16 px patches: 64 image tokens, the stored front images unresized;
+   128 px images in 16 px patches: 64 image tokens, the stored front images unresized
+   (`small-swin`: a Swin tower in the ViT's place, the same 64 tokens);
 5. training: every weight, the vision tower included, on the answer tokens (the loss of
    `llarva finetune`: the action and its `</s>`), AdamW with warm-up and a cosine schedule, bf16
    autocast on CUDA, a wall-clock budget (`train_seconds`); the checkpoint (transformers' layout,
@@ -100,9 +101,9 @@ SHAPES = {
     ),
     # A Swin tower (Liu et al. 2021) in the CLIP ViT's place: 4 px patches attending within shifted
     # 8x8 windows, merged twice into the same 64 image tokens of 192. A from-scratch ViT's 16 px
-    # patches localise reach's small sphere poorly (benchmarks/bc_baseline.py: a CNN regression
-    # on the same demos 89%, the ViT 21%); convolution-like locality is what a tower trained from
-    # a few thousand scenes lacks. Still LLaVA: tower, two-layer projector, Llama.
+    # patches localise reach's 5-9 px sphere poorly; with the same recipe and data this tower took
+    # reach from 23/100 to 36/100 (examples/train_small.md, round 18). Still LLaVA: tower,
+    # two-layer projector, Llama.
     "small-swin": (
         dict(model_type="swin", embed_dim=48, depths=[2, 2, 2], num_heads=[3, 6, 12], window_size=8, patch_size=4),
         dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
