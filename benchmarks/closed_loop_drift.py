@@ -18,6 +18,8 @@ meets it, less the goal's, and how far the line passes from the ray; with `--ste
 episodes, step 0's aim (summary `first_step_aim`) says in seconds an episode whether a checkpoint
 reads the target's depth from the image (the expert's aim is exact to a few millimetres; the slope
 of aimed against true depth is 1 for a policy that reads it, 0 for one that aims at one depth).
+`--checkpoint` may also be a `bc_baseline.py` model (its `.pt`, with its report `.json` beside
+it): the conventional regression's aim and drift on the same scenes as a LLaVA checkpoint's.
 `--training-scenes` runs the scenes the demos were recorded in (with a checkpoint's demo seed, the
 ones it was trained on): the aim there against held-out scenes tells a model that has not fitted
 its data from one that does not generalise. The step where the cosine first turns negative is
@@ -28,6 +30,8 @@ benchmarks/results/closed_loop_drift_<task>.json), rewritten atomically after ev
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 from pathlib import Path
 
 import gymnasium as gym
@@ -139,10 +143,29 @@ def depth_and_lateral(offset: np.ndarray, ray: np.ndarray) -> dict:
     return {"depth_m": round(depth, 4), "lateral_m": round(float(np.linalg.norm(offset - depth * ray)), 4)}
 
 
+def load_policy(checkpoint: str, device, visual_trace: bool):
+    """A LlarvaPolicy checkpoint folder, or a bc_baseline.py model (`.pt`, its `.json` beside it)."""
+    path = Path(checkpoint)
+    if path.suffix != ".pt":
+        return LlarvaPolicy.from_pretrained(path, device=device, constrained=True, with_visual_trace=visual_trace)
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bc_baseline", Path(__file__).with_name("bc_baseline.py"))
+    bc_baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bc_baseline)
+    report = path.with_suffix(".json")
+    if not report.is_file():
+        raise FileNotFoundError(f"checkpoint: {path} needs its bc_baseline.py report {report.name} beside it "
+                                f"(which vision the model has)")
+    model = bc_baseline.VisuomotorPolicy(json.loads(report.read_text()).get("vision", "cnn")).to(device or "cpu")
+    model.load_state_dict(torch.load(path, weights_only=True, map_location=device or "cpu"))
+    return bc_baseline.BaselinePolicy(model.eval())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True, help="LlarvaPolicy folder, or a bc_baseline.py .pt")
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60, help="steps per episode (at most the task's limit)")
     parser.add_argument("--seed", type=int, default=0, help="llarva eval's --seed: the same episodes")
@@ -158,8 +181,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    policy = LlarvaPolicy.from_pretrained(args.checkpoint, device=args.device, constrained=True,
-                                          with_visual_trace=args.visual_trace)
+    policy = load_policy(args.checkpoint, args.device, args.visual_trace)
     env = gym.make(f"llarva/{args.task}", variation=args.variation, render_quality=args.render_quality)
     out = Path(args.out or RESULTS_DIR / f"closed_loop_drift_{args.task}.json")
     record = {"task": args.task, "checkpoint": str(args.checkpoint), "seed": args.seed,

@@ -443,3 +443,14 @@ def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_eval
                     "--render-quality", "fast", "--num-envs", "1", "--out", str(out)])
     again = json.loads(out.read_text())
     assert again["training"] == report["training"] and "recording_seconds" not in again
+
+    # closed_loop_drift.py takes the kept weights as a checkpoint: the regression's rollout, the
+    # expert asked along it, as for a LLaVA checkpoint.
+    drift = load_script("benchmarks/closed_loop_drift.py")
+    drift.main(["--task", "reach_target", "--checkpoint", str(tmp_path / "bc.pt"), "--episodes", "1", "--steps", "2",
+                "--out", str(tmp_path / "drift.json")])
+    steps = json.loads((tmp_path / "drift.json").read_text())["episodes"][0]["steps"]
+    assert len(steps) == 2 and steps[0]["cosine"] is not None and steps[0]["policy_speed"] > 0
+    (tmp_path / "bc.json").unlink()
+    with pytest.raises(FileNotFoundError, match="needs its bc_baseline.py report bc.json"):
+        drift.main(["--task", "reach_target", "--checkpoint", str(tmp_path / "bc.pt"), "--episodes", "1"])
