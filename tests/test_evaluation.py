@@ -15,6 +15,7 @@ import llarva_gym  # noqa: F401
 from llarva_gym import ScriptedExpert
 from llarva_gym.demos import Demo, episode_path, load_demo, save_demo
 from llarva_gym.evaluation import _video_frame, episode_reset_seed, evaluate, print_summary
+from llarva_gym.expert import WaypointFollower
 from llarva_policy import cli
 
 RECORD_KEYS = {"index", "reset_seed", "episode_seed", "variation", "instruction", "success", "steps", "seconds",
@@ -454,3 +455,34 @@ def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_eval
     (tmp_path / "bc.json").unlink()
     with pytest.raises(FileNotFoundError, match="needs its bc_baseline.py report bc.json"):
         drift.main(["--task", "reach_target", "--checkpoint", str(tmp_path / "bc.pt"), "--episodes", "1"])
+
+
+def test_history_probe_asks_the_policy_with_a_still_and_an_expert_history(tmp_path, load_script):
+    """benchmarks/history_probe.py: the `still` history is five copies of the current pose, the
+    `expert` one the poses the expert's command would have left; a run records every history's speed."""
+    from llarva_gym.backends.mujoco.scene import CONTROL_PERIOD
+    from llarva_policy.policy import _advance_history
+
+    probe = load_script("benchmarks/history_probe.py")
+    q, velocity = np.linspace(-1, 1, 7).astype(np.float32), np.full(7, 0.5)
+    shown = {name: _advance_history(state.astype(np.float32), np.array([False]), q[None])[0]
+             for name, state in probe.other_histories(q, velocity).items()}
+    assert np.all(shown["still"] == q)
+    np.testing.assert_allclose(np.diff(shown["expert"], axis=0) / CONTROL_PERIOD, np.full((4, 7), 0.5), atol=1e-4)
+    np.testing.assert_allclose(shown["expert"][-1], q)
+
+    bc_baseline = load_script("benchmarks/bc_baseline.py")
+    torch.manual_seed(0)
+    torch.save(bc_baseline.VisuomotorPolicy("cnn").state_dict(), tmp_path / "bc.pt")
+    (tmp_path / "bc.json").write_text(json.dumps({"vision": "cnn"}))
+    record = probe.main(["--task", "reach_target", "--checkpoint", str(tmp_path / "bc.pt"), "--episodes", "1",
+                         "--steps", "3", "--out", str(tmp_path / "probe.json")])
+    steps = record["episodes"][0]["steps"]
+    assert len(steps) == 3 and all(row["policy_speed"][name] > 0 for row in steps for name in probe.HISTORIES)
+    env = gym.make("llarva/reach_target")
+    env.reset(seed=episode_reset_seed(1, 0))
+    command = WaypointFollower(env.unwrapped.backend).next_action("joint_velocity")[:7]
+    env.close()
+    assert steps[0]["expert_speed"] == pytest.approx(np.linalg.norm(command), abs=1e-4)
+    assert sum(row["steps"] for row in record["summary"]) == 3
+    assert json.loads((tmp_path / "probe.json").read_text())["summary"] == record["summary"]
