@@ -44,7 +44,7 @@ from llarva_policy.policy import _advance_history
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 JOINTS = 7
-VISION_TOWERS = {"vit": "small", "swin": "small-swin"}   # --vision -> train-small's size of that tower
+VISION_TOWERS = {"vit": "small", "swin": "small-swin", "swin256": "small-swin-256"}   # --vision -> train-small's size
 
 
 def demo_samples(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -89,7 +89,7 @@ class SpatialSoftArgmax(nn.Module):
 
 class PatchTokens(nn.Module):
     """A train-small vision tower (`SHAPES[size]`, randomly initialised; "small": a 4-layer CLIP ViT
-    with 16 px patches, "small-swin": a Swin with 4 px patches), its 64 image tokens as the LLaVA
+    with 16 px patches, "small-swin": a Swin with 4 px patches), its image tokens as the LLaVA
     model takes them (`vision_feature_layer=-1`, CLIP's CLS left out) each reduced to 16 numbers:
     what the language model gets to see of the image, here read by an MLP instead."""
 
@@ -206,8 +206,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--action-noise", type=float, default=0.3, help="DART noise of the demos (train-small's: 0.3)")
     parser.add_argument("--render-quality", default="high", choices=("fast", "high"))
     parser.add_argument("--vision", default="cnn", choices=("cnn", *VISION_TOWERS),
-                        help="cnn: CNN + spatial soft-argmax; vit, swin: train-small's tower of --size small or "
-                             "small-swin, its image tokens to the MLP")
+                        help="cnn: CNN + spatial soft-argmax; vit, swin, swin256: train-small's tower of --size "
+                             "small, small-swin or small-swin-256, its image tokens to the MLP")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--train-seconds", type=float, default=1800.0)
     parser.add_argument("--batch-size", type=int, default=128)

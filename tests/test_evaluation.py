@@ -423,9 +423,9 @@ def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_eval
     assert np.all(np.abs(action[:, :7]) <= benchmark.VELOCITY_LIMIT) and policy.clipped > 0
 
     # The tower variants: train-small's vision towers, their 64 image tokens to the MLP.
-    for vision in ("vit", "swin"):
+    for vision, tokens in (("vit", 64), ("swin", 64), ("swin256", 256)):
         tower = benchmark.VisuomotorPolicy(vision).eval()
-        assert tower.vision.features == 64 * 16
+        assert tower.vision.features == tokens * 16
         with torch.no_grad():
             assert tower(torch.zeros(2, 3, 128, 128, dtype=torch.uint8), torch.zeros(2, 5, 7)).shape == (2, 7)
     with pytest.raises(ValueError, match="vision: expected 'cnn' or one of"):

@@ -490,7 +490,8 @@ def test_a_trained_model_writes_back_the_answers_it_was_trained_on(annotated, tm
 
 
 @pytest.mark.parametrize("size, tokens, tower", [("small-patch8", 256, "CLIPVisionModel"),
-                                                  ("small-swin", 64, "SwinModel")])
+                                                  ("small-swin", 64, "SwinModel"),
+                                                  ("small-swin-256", 256, "SwinModel")])
 def test_other_tower_shapes_write_their_image_tokens_and_load_back(annotated, tmp_path, size, tokens, tower):
     data_root, entries = annotated
     tokenizer = build_tokenizer(corpus_texts=[codec.build_conversation_text(*conversation_turns(e)) for e in entries])
