@@ -12,6 +12,9 @@ the three alike; one that copies the motion its history shows slows down with `s
 the expert's speed with `expert`, and a rollout that once slows down stays slow. Per step: the
 tip's distance to the goal, the expert's speed and the policy's under each history; the summary
 gives the median ratio of the policy's speed to the expert's, per history, by distance to the goal.
+For a checkpoint that writes a visual trace, also where the trace (of its own history's answer)
+starts against the tip and ends against the goal, in pixels: a model that still places the goal
+right while it brakes reads the image well enough and fails in writing the action.
 Prints the summary and writes JSON (default benchmarks/results/history_probe_<task>.json),
 rewritten after every episode.
 """
@@ -30,6 +33,7 @@ from llarva_gym.backends.mujoco.scene import CONTROL_PERIOD
 from llarva_gym.evaluation import episode_reset_seed
 from llarva_gym.expert import WaypointFollower
 from llarva_gym.files import write_json_atomic
+from llarva_policy.annotations import project_points
 from llarva_policy.codec import HISTORY_STEPS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,6 +52,22 @@ def other_histories(joint_positions: np.ndarray, expert_velocity: np.ndarray) ->
             "expert": (joint_positions[None] - steps_back * CONTROL_PERIOD * expert_velocity[None])[None]}
 
 
+def trace_errors(policy, backend, tip: np.ndarray, goal: np.ndarray) -> dict:
+    """How far (px) the visual trace the policy just wrote starts from the tip and ends from the
+    goal, as the front camera sees them (the annotations' trace ends where the demo's tip ended, at
+    the goal). Empty for a policy without a trace."""
+    info = getattr(policy, "last_info", None)
+    trace = info[0].get("trace") if info else None
+    if trace is None or len(trace) == 0:
+        return {}
+    misc = backend.cameras.misc(backend.data)
+    tip_px, goal_px = project_points(np.stack([tip, goal]), misc["front_camera_extrinsics"],
+                                     misc["front_camera_intrinsics"])
+    trace = np.asarray(trace, dtype=np.float64)
+    return {"trace_start_error_px": round(float(np.linalg.norm(trace[0] - tip_px)), 2),
+            "trace_end_error_px": round(float(np.linalg.norm(trace[-1] - goal_px)), 2)}
+
+
 def probe_episode(policy, env, reset_seed: int, steps: int) -> list[dict]:
     obs, _ = env.reset(seed=reset_seed)
     backend, state, rows = env.unwrapped.backend, None, []
@@ -64,7 +84,8 @@ def probe_episode(policy, env, reset_seed: int, steps: int) -> list[dict]:
         speeds["own"] = float(np.linalg.norm(np.asarray(action[:7], dtype=np.float64)))
         rows.append({"step": t, "to_goal_m": round(float(np.linalg.norm(obs["gripper_pose"][:3] - goal)), 4),
                      "expert_speed": round(float(np.linalg.norm(command)), 4),
-                     "policy_speed": {name: round(speeds[name], 4) for name in HISTORIES}})
+                     "policy_speed": {name: round(speeds[name], 4) for name in HISTORIES},
+                     **trace_errors(policy, backend, obs["gripper_pose"][:3], goal)})
         obs, _, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             rows[-1]["success"] = bool(info["success"])
@@ -82,7 +103,9 @@ def summarize(episodes: list[dict]) -> list[dict]:
             table.append({"to_goal_m": [low, None if high == np.inf else high], "steps": len(inside),
                           "speed_ratio": {name: round(float(np.median(
                               [r["policy_speed"][name] / r["expert_speed"] for r in inside])), 3)
-                              for name in HISTORIES}})
+                              for name in HISTORIES},
+                          **{f"median_{key}": round(float(np.median([r[key] for r in inside])), 2)
+                             for key in ("trace_start_error_px", "trace_end_error_px") if key in inside[0]}})
     return table
 
 
@@ -111,12 +134,16 @@ def main(argv=None) -> dict:
         record["summary"] = summarize(record["episodes"])
         write_json_atomic(out, record)
     env.close()
-    print(f"{'to goal (m)':>12} {'steps':>6} " + " ".join(f"{name + ' history':>15}" for name in HISTORIES))
+    print(f"{'to goal (m)':>12} {'steps':>6} " + " ".join(f"{name + ' history':>15}" for name in HISTORIES)
+          + f" {'trace start px':>14} {'trace end px':>12}")
     for row in record["summary"]:
         low, high = row["to_goal_m"]
         print(f"{low:>5.2f}-{high if high is not None else 'inf':<6} {row['steps']:>6} "
-              + " ".join(f"{row['speed_ratio'][name]:>15.2f}" for name in HISTORIES))
-    print("(median policy speed / expert speed, per history shown)")
+              + " ".join(f"{row['speed_ratio'][name]:>15.2f}" for name in HISTORIES)
+              + f" {row.get('median_trace_start_error_px', float('nan')):>14.1f}"
+              + f" {row.get('median_trace_end_error_px', float('nan')):>12.1f}")
+    print("(median policy speed / expert speed, per history shown; median distance of the visual trace's "
+          "first point from the tip and last point from the goal, in px)")
     return record
 
 

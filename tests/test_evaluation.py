@@ -486,3 +486,33 @@ def test_history_probe_asks_the_policy_with_a_still_and_an_expert_history(tmp_pa
     assert steps[0]["expert_speed"] == pytest.approx(np.linalg.norm(command), abs=1e-4)
     assert sum(row["steps"] for row in record["summary"]) == 3
     assert json.loads((tmp_path / "probe.json").read_text())["summary"] == record["summary"]
+
+
+def test_history_probe_measures_where_the_visual_trace_starts_and_ends(tmp_path, load_script):
+    """With a checkpoint that writes a visual trace, history_probe.py records how far its first point
+    lies from the tip and its last from the goal, in the front camera's pixels."""
+    from llarva_policy import LlarvaPolicy
+    from llarva_policy.annotations import project_points
+    from llarva_policy.model import make_random_llava
+
+    probe = load_script("benchmarks/history_probe.py")
+    checkpoint = make_random_llava(tmp_path / "tiny", size="tiny", seed=0)
+    policy = LlarvaPolicy.from_pretrained(checkpoint, constrained=True, with_visual_trace=True)
+    env = gym.make("llarva/reach_target")
+    obs, _ = env.reset(seed=0)
+    backend = env.unwrapped.backend
+    goal = WaypointFollower(backend).waypoints[-1].position
+    policy.predict(obs, episode_start=np.array([True]))
+    errors = probe.trace_errors(policy, backend, obs["gripper_pose"][:3], goal)
+    misc = backend.cameras.misc(backend.data)
+    tip_px, goal_px = project_points(np.stack([obs["gripper_pose"][:3], goal]), misc["front_camera_extrinsics"],
+                                     misc["front_camera_intrinsics"])
+    trace = np.asarray(policy.last_info[0]["trace"], dtype=np.float64)
+    assert errors["trace_start_error_px"] == pytest.approx(np.linalg.norm(trace[0] - tip_px), abs=0.01)
+    assert errors["trace_end_error_px"] == pytest.approx(np.linalg.norm(trace[-1] - goal_px), abs=0.01)
+    env.close()
+
+    record = probe.main(["--task", "reach_target", "--checkpoint", str(checkpoint), "--visual-trace",
+                         "--episodes", "1", "--steps", "2", "--out", str(tmp_path / "probe.json")])
+    assert all("trace_end_error_px" in row for row in record["episodes"][0]["steps"])
+    assert all("median_trace_end_error_px" in row for row in record["summary"])
