@@ -42,6 +42,7 @@ from closed_loop_drift import load_policy  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HISTORIES = ("own", "still", "expert")
 DISTANCE_BINS = (0.0, 0.03, 0.08, 0.2, np.inf)   # m from the tip to the goal
+TRACE_KEYS = ("trace_start_error_px", "trace_end_error_px", "trace_length_px", "tip_to_goal_px")
 
 
 def other_histories(joint_positions: np.ndarray, expert_velocity: np.ndarray) -> dict[str, np.ndarray]:
@@ -65,7 +66,11 @@ def trace_errors(policy, backend, tip: np.ndarray, goal: np.ndarray) -> dict:
                                      misc["front_camera_intrinsics"])
     trace = np.asarray(trace, dtype=np.float64)
     return {"trace_start_error_px": round(float(np.linalg.norm(trace[0] - tip_px)), 2),
-            "trace_end_error_px": round(float(np.linalg.norm(trace[-1] - goal_px)), 2)}
+            "trace_end_error_px": round(float(np.linalg.norm(trace[-1] - goal_px)), 2),
+            # the way left as the trace has it, against the true one: a model that believes it has
+            # arrived writes a trace that ends where it starts
+            "trace_length_px": round(float(np.linalg.norm(trace[-1] - trace[0])), 2),
+            "tip_to_goal_px": round(float(np.linalg.norm(goal_px - tip_px)), 2)}
 
 
 def probe_episode(policy, env, reset_seed: int, steps: int) -> list[dict]:
@@ -105,7 +110,7 @@ def summarize(episodes: list[dict]) -> list[dict]:
                               [r["policy_speed"][name] / r["expert_speed"] for r in inside])), 3)
                               for name in HISTORIES},
                           **{f"median_{key}": round(float(np.median([r[key] for r in inside])), 2)
-                             for key in ("trace_start_error_px", "trace_end_error_px") if key in inside[0]}})
+                             for key in TRACE_KEYS if key in inside[0]}})
     return table
 
 
@@ -135,15 +140,15 @@ def main(argv=None) -> dict:
         write_json_atomic(out, record)
     env.close()
     print(f"{'to goal (m)':>12} {'steps':>6} " + " ".join(f"{name + ' history':>15}" for name in HISTORIES)
-          + f" {'trace start px':>14} {'trace end px':>12}")
+          + "".join(f" {key[:-3].replace('_', ' '):>19}" for key in TRACE_KEYS))
     for row in record["summary"]:
         low, high = row["to_goal_m"]
         print(f"{low:>5.2f}-{high if high is not None else 'inf':<6} {row['steps']:>6} "
               + " ".join(f"{row['speed_ratio'][name]:>15.2f}" for name in HISTORIES)
-              + f" {row.get('median_trace_start_error_px', float('nan')):>14.1f}"
-              + f" {row.get('median_trace_end_error_px', float('nan')):>12.1f}")
-    print("(median policy speed / expert speed, per history shown; median distance of the visual trace's "
-          "first point from the tip and last point from the goal, in px)")
+              + "".join(f" {row.get('median_' + key, float('nan')):>19.1f}" for key in TRACE_KEYS))
+    print("(median policy speed / expert speed, per history shown; with a visual trace, medians in px: its "
+          "first point's distance from the tip, its last point's from the goal, its length, and the tip's "
+          "distance from the goal)")
     return record
 
 

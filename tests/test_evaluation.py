@@ -510,6 +510,8 @@ def test_history_probe_measures_where_the_visual_trace_starts_and_ends(tmp_path,
     trace = np.asarray(policy.last_info[0]["trace"], dtype=np.float64)
     assert errors["trace_start_error_px"] == pytest.approx(np.linalg.norm(trace[0] - tip_px), abs=0.01)
     assert errors["trace_end_error_px"] == pytest.approx(np.linalg.norm(trace[-1] - goal_px), abs=0.01)
+    assert errors["trace_length_px"] == pytest.approx(np.linalg.norm(trace[-1] - trace[0]), abs=0.01)
+    assert errors["tip_to_goal_px"] == pytest.approx(np.linalg.norm(goal_px - tip_px), abs=0.01)
     env.close()
 
     record = probe.main(["--task", "reach_target", "--checkpoint", str(checkpoint), "--visual-trace",
