@@ -15,6 +15,11 @@ gives the median ratio of the policy's speed to the expert's, per history, by di
 For a checkpoint that writes a visual trace, also where the trace (of its own history's answer)
 starts against the tip and ends against the goal, in pixels: a model that still places the goal
 right while it brakes reads the image well enough and fails in writing the action.
+`--drive expert`: the scripted expert drives instead (the policy is still asked at every state): the
+states of a demonstration, the policy's own history being the expert's. A policy that keeps the
+expert's speed there and brakes on its own rollouts brakes because its rollouts leave the states
+the demos visit (covariate shift, what DAgger's takeover demos address), not because it cannot
+write a fast action.
 Prints the summary and writes JSON (default benchmarks/results/history_probe_<task>.json),
 rewritten after every episode.
 """
@@ -73,12 +78,13 @@ def trace_errors(policy, backend, tip: np.ndarray, goal: np.ndarray) -> dict:
             "tip_to_goal_px": round(float(np.linalg.norm(goal_px - tip_px)), 2)}
 
 
-def probe_episode(policy, env, reset_seed: int, steps: int) -> list[dict]:
+def probe_episode(policy, env, reset_seed: int, steps: int, drive: str = "policy") -> list[dict]:
     obs, _ = env.reset(seed=reset_seed)
     backend, state, rows = env.unwrapped.backend, None, []
     for t in range(steps):
         expert = WaypointFollower(backend)
-        command = expert.next_action("joint_velocity")[:7].astype(np.float64)
+        expert_action = expert.next_action("joint_velocity")
+        command = expert_action[:7].astype(np.float64)
         goal = expert.waypoints[-1].position
         q = np.asarray(obs["joint_positions"], dtype=np.float32)
         speeds = {}
@@ -91,7 +97,7 @@ def probe_episode(policy, env, reset_seed: int, steps: int) -> list[dict]:
                      "expert_speed": round(float(np.linalg.norm(command)), 4),
                      "policy_speed": {name: round(speeds[name], 4) for name in HISTORIES},
                      **trace_errors(policy, backend, obs["gripper_pose"][:3], goal)})
-        obs, _, terminated, truncated, info = env.step(action)
+        obs, _, terminated, truncated, info = env.step(action if drive == "policy" else expert_action)
         if terminated or truncated:
             rows[-1]["success"] = bool(info["success"])
             break
@@ -124,6 +130,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--variation", type=int, default=None)
     parser.add_argument("--visual-trace", action="store_true", help="the checkpoint answers with a visual trace")
     parser.add_argument("--render-quality", default="fast", choices=("fast", "high"))
+    parser.add_argument("--drive", default="policy", choices=("policy", "expert"),
+                        help="who moves the arm between the questions (expert: the states of a demonstration)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -132,9 +140,9 @@ def main(argv=None) -> dict:
     env = gym.make(f"llarva/{args.task}", variation=args.variation, render_quality=args.render_quality)
     out = Path(args.out or RESULTS_DIR / f"history_probe_{args.task}.json")
     record = {"task": args.task, "checkpoint": str(args.checkpoint), "seed": args.seed, "variation": args.variation,
-              "render_quality": args.render_quality, "episodes": []}
+              "render_quality": args.render_quality, "drive": args.drive, "episodes": []}
     for index in range(args.episodes):
-        steps = probe_episode(policy, env, episode_reset_seed(args.seed, index), args.steps)
+        steps = probe_episode(policy, env, episode_reset_seed(args.seed, index), args.steps, args.drive)
         record["episodes"].append({"index": index, "success": steps[-1].get("success", False), "steps": steps})
         record["summary"] = summarize(record["episodes"])
         write_json_atomic(out, record)

@@ -185,6 +185,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="an unfinished model folder of this same command (a device call's returned checkpoint): "
                             "where OUT holds no training state (a fresh machine), continue its schedule from its "
                             "weights, with fresh optimizer moments")
+        p.add_argument("--finetune-from", default=None, metavar="MODEL",
+                       help="a finished model folder of this task and --size (trained on the same demos): start "
+                            "from its weights, with a schedule of its own (a DAgger round that goes on from "
+                            "its --driver instead of training from scratch)")
         p.add_argument("--compile", action="store_true", help="torch.compile the model (faster on a GPU)")
         p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                        help="without PyTorch's deterministic kernels (faster on a GPU; runs agree less closely)")

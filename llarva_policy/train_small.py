@@ -253,6 +253,35 @@ def weights_only_resume(folder: Path, options: dict, tokenizer) -> dict:
             "warmup_ended_at": warmup_ended_at, "order": None, "permutation": None, "position": None}
 
 
+def finetune_base_id(folder, task: str, size: str) -> dict:
+    """What identifies a `finetune_from` folder among a run's options: its name and a hash of its
+    weights (not its path, which differs from machine to machine); an error unless it is a finished
+    train-small model of `task` and `size`."""
+    info = _training_info(folder)
+    saved = info.get("options", {})
+    if not info.get("finished"):
+        raise ValueError(f"finetune_from: {folder} has not finished its training; continue it with init_from")
+    if saved.get("task") != task or saved.get("size") != size:
+        raise ValueError(f"finetune_from: {folder} is a {saved.get('size')!r} model of {saved.get('task')!r}; "
+                         f"expected a {size!r} model of {task!r}")
+    weights = Path(folder) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"finetune_from: {folder} has no model.safetensors; expected a train-small model folder")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    return {"name": Path(folder).resolve().name, "weights_sha256": digest}
+
+
+def load_finetune_base(model, folder, tokenizer) -> None:
+    """Put the weights of the finished model at `folder` into `model` (built for this run)."""
+    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+    if PreTrainedTokenizerFast.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"finetune_from: {folder}'s tokenizer is not the one this run builds from its annotations "
+                         f"(it was trained on other demos)")
+    base = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    model.load_state_dict(base.state_dict())
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: every sample tokenized once, every image on the device
 # ---------------------------------------------------------------------------------------------
@@ -879,7 +908,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                 variation_weights: Sequence[int] | None = None,
                 compile: bool = False, deterministic: bool = True, render_quality: str = "fast", device=None,
                 driver=None, takeover_demos: int = 0, takeover_steps: int = 30, takeover_num_envs: int | None = None,
-                init_from=None, export=None, isolate_evaluation: bool | None = None,
+                init_from=None, finetune_from=None, export=None, isolate_evaluation: bool | None = None,
                 progress: bool = True) -> dict:
     """Record demos, annotate, train a small LLaVA from scratch, evaluate it and the expert; returns the summary.
 
@@ -897,6 +926,11 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     continued where no `training_state.pt` is (a fresh machine): `weights_only_resume`. A DAgger
     round's checkpoint also holds its takeover sets' driven steps (`takeover*_driven_starts.npz`),
     which such a call replays instead of driving the attempts again.
+    `finetune_from`: a finished model folder of this task and `size` whose tokenizer is the one this
+    run builds (the same demos first): the training starts from its weights with a fresh optimizer
+    and a schedule of its own (`train_seconds`, warm-up and all), on this run's data. With the
+    earlier model as `driver`, that is a DAgger round that goes on from the model it improves,
+    instead of a new one from scratch; its identity (a hash of its weights) is among the options.
     `eval_episodes=0` skips both evaluations (run `llarva eval` on the model folder later).
 
     `visual_trace`: the answers also hold the end effector's future path in the image
@@ -1028,6 +1062,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
 
     if init_from is not None:
         _training_info(init_from)    # a wrong path fails now, not after minutes of demos
+    if finetune_from is not None:    # likewise
+        options["finetune_from"] = finetune_base_id(finetune_from, task, size)
     # 1-2. demos and annotations
     recorded = record_demos(task, demos, data_root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
                             seed=demo_seed, variation=variation, render_quality=render_quality, action_noise=action_noise,
@@ -1096,6 +1132,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         resumed_from = "state" if resume is not None else None
         if resume is None and init_from is not None:
             resume, resumed_from = weights_only_resume(init_from, options, tokenizer), "weights"
+        if resume is None and finetune_from is not None:
+            load_finetune_base(model, finetune_from, tokenizer)
+            resumed_from = "finetune_from"
         # CUDA starts here, after the demo workers (which render with EGL) are done.
         summary["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         timings["rest"] = round(time.perf_counter() - clock, 2)

@@ -487,6 +487,20 @@ def test_history_probe_asks_the_policy_with_a_still_and_an_expert_history(tmp_pa
     assert sum(row["steps"] for row in record["summary"]) == 3
     assert json.loads((tmp_path / "probe.json").read_text())["summary"] == record["summary"]
 
+    # --drive expert: the expert moves the arm (the policy, asked all the same, does not): after a
+    # step the tip is where the expert's command took it, whatever the policy answered.
+    record = probe.main(["--task", "reach_target", "--checkpoint", str(tmp_path / "bc.pt"), "--episodes", "1",
+                         "--steps", "2", "--drive", "expert", "--out", str(tmp_path / "expert.json")])
+    env = gym.make("llarva/reach_target")
+    env.reset(seed=episode_reset_seed(1, 0))
+    expert = WaypointFollower(env.unwrapped.backend)
+    goal = expert.waypoints[-1].position
+    obs, *_ = env.step(expert.next_action("joint_velocity"))
+    env.close()
+    assert record["drive"] == "expert"
+    assert record["episodes"][0]["steps"][1]["to_goal_m"] == pytest.approx(
+        np.linalg.norm(obs["gripper_pose"][:3] - goal), abs=1e-4)
+
 
 def test_history_probe_measures_where_the_visual_trace_starts_and_ends(tmp_path, load_script):
     """With a checkpoint that writes a visual trace, history_probe.py records how far its first point

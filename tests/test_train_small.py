@@ -332,6 +332,43 @@ def test_a_returned_checkpoint_continues_the_training_on_a_fresh_machine(tmp_pat
     assert not (tmp_path / "call4" / "data").exists()      # refused before any demo is recorded
 
 
+def test_finetune_from_starts_a_new_schedule_from_a_finished_models_weights(tmp_path):
+    """`finetune_from` (a DAgger round that goes on from the model it improves): the training
+    starts from the finished model's weights (its first loss is near the base's last, far below a
+    new model's first), on a schedule of its own (step 0, warm-up again), and the base's identity
+    (a hash of its weights, not its path) is among the options. Unfinished folders, another size
+    and another tokenizer are refused."""
+    common = dict(size="toy", demos=2, batch_size=4, eval_episodes=0, progress=False)
+    base = train_small(TASK, tmp_path / "base", train_seconds=11.0, **common)
+    base_folder = tmp_path / "base" / MODEL_DIR
+    moved = tmp_path / "elsewhere" / "base_model"
+    shutil.copytree(base_folder, moved)
+
+    tuned = train_small(TASK, tmp_path / "tuned", finetune_from=moved, max_steps=2, **common)
+    assert tuned["stages"]["data"]["resumed_from"] == "finetune_from"
+    history, before = tuned["training"]["history"], base["training"]["history"]
+    assert history[0]["step"] == 2 and tuned["training"]["steps"] == 2
+    assert abs(history[0]["loss"] - before[-1]["loss"]) < 0.5 * (before[0]["loss"] - before[-1]["loss"])
+    fresh = train_small(TASK, tmp_path / "fresh", max_steps=2, **common)
+    assert fresh["training"]["history"][0]["loss"] > history[0]["loss"] + 0.5 * (before[0]["loss"] - before[-1]["loss"])
+    identity = tuned["options"]["finetune_from"]
+    assert identity["name"] == "base_model" and len(identity["weights_sha256"]) == 16
+    assert train_small(TASK, tmp_path / "tuned2", finetune_from=base_folder, max_steps=2,
+                       **common)["options"]["finetune_from"]["weights_sha256"] == identity["weights_sha256"]
+
+    unfinished = train_small(TASK, tmp_path / "paused", train_seconds=11.0, run_seconds=1.0, eval_reserve_seconds=0.0,
+                             **common)
+    assert unfinished["training"]["stopped_by"] == "stop_seconds"
+    with pytest.raises(ValueError, match="has not finished its training; continue it with init_from"):
+        train_small(TASK, tmp_path / "bad1", finetune_from=tmp_path / "paused" / MODEL_DIR, max_steps=2, **common)
+    with pytest.raises(ValueError, match="is a 'toy' model of 'reach_target'; expected a 'small' model"):
+        train_small(TASK, tmp_path / "bad2", finetune_from=moved, max_steps=2, **{**common, "size": "small"})
+    assert not (tmp_path / "bad2" / "data").exists()      # refused before any demo is recorded
+    with pytest.raises(ValueError, match="tokenizer is not the one this run builds"):
+        train_small(TASK, tmp_path / "bad3", finetune_from=moved, max_steps=2, visual_trace=True, trace_points=3,
+                    **common)
+
+
 def test_a_dagger_round_continued_on_a_fresh_machine_replays_its_takeover_instead_of_driving(tmp_path):
     """The checkpoint of a DAgger round holds its takeover set's driven steps; a call that
     continues it in a fresh `out` (`init_from`, a fresh machine) replays them: the same takeover
