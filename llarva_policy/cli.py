@@ -178,6 +178,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
                             "Repeat it to aggregate rounds, oldest first (each drives --takeover-demos)")
         p.add_argument("--takeover-demos", type=int, default=0, help="expert-takeover demos driven by each --driver")
         p.add_argument("--takeover-steps", type=int, default=30, help="the most steps --driver takes in each")
+        p.add_argument("--takeover-weight", type=int, default=1,
+                       help="draw every takeover sample this many times per epoch (they are few beside the demos)")
         p.add_argument("--takeover-num-envs", type=int, default=None, metavar="N",
                        help="takeover episodes driven at a time, batched in the main process (default: 32 on "
                             "CUDA; 0: the driver runs in each recording process)")

@@ -766,16 +766,20 @@ def episode_variation(entry: dict, data_root, cache: dict | None = None) -> int:
 
 
 def sample_repeats(entries, data_root, early_steps: int = 5, early_weight: int = 1,
-                   variation_weights: Sequence[int] | None = None) -> torch.Tensor | None:
+                   variation_weights: Sequence[int] | None = None, takeover_weight: int = 1) -> torch.Tensor | None:
     """How many times each sample is drawn per epoch (`train_model`'s `repeats`): `early_weight`
     for the first `early_steps` steps of an episode, times `variation_weights[v]` for a sample of
-    variation v (`episode_variation`); None when every sample would be drawn once."""
-    if early_weight == 1 and variation_weights is None:
+    variation v (`episode_variation`), times `takeover_weight` for a sample of a takeover set
+    (`is_takeover_sample`); None when every sample would be drawn once."""
+    if early_weight == 1 and variation_weights is None and takeover_weight == 1:
         return None
     repeats = torch.ones(len(entries), dtype=torch.long)
     if early_weight != 1:
         steps = torch.tensor([episode_step(entry) for entry in entries], dtype=torch.long)
         repeats = torch.where(steps < early_steps, early_weight, 1).long()
+    if takeover_weight != 1:
+        repeats = repeats * torch.tensor([takeover_weight if is_takeover_sample(e) else 1 for e in entries],
+                                         dtype=torch.long)
     if variation_weights is not None:
         cache: dict = {}
         variations = [episode_variation(entry, data_root, cache) for entry in entries]
@@ -785,6 +789,13 @@ def sample_repeats(entries, data_root, early_steps: int = 5, early_weight: int =
                              f"{len(variation_weights) - 1}), but the demos hold variation(s) {unweighted}")
         repeats = repeats * torch.tensor([variation_weights[v] for v in variations], dtype=torch.long)
     return repeats
+
+
+def is_takeover_sample(entry: dict) -> bool:
+    """Whether an annotation entry comes from a takeover set: `_append_annotations` gives those
+    images paths from the demos' folder up into `<out>/takeover*`."""
+    parts = Path(entry.get("image", "")).parts
+    return len(parts) > 1 and parts[0] == ".." and parts[1].startswith(TAKEOVER_DIR)
 
 
 def _check_variation_weights(variation_weights, task: str, variation) -> tuple[int, ...] | None:
@@ -905,6 +916,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                 eval_seed: int = 0, eval_episode_length: int | None = None, expert_baseline: bool = True,
                 visual_trace: bool = False, trace_points: int = 10, history_noise: float = 0.0,
                 goal_weight: float = 1.0, goal_points: str = "last", action_noise: float = 0.0, early_steps: int = 5, early_weight: int = 1,
+                takeover_weight: int = 1,
                 variation_weights: Sequence[int] | None = None,
                 compile: bool = False, deterministic: bool = True, render_quality: str = "fast", device=None,
                 driver=None, takeover_demos: int = 0, takeover_steps: int = 30, takeover_num_envs: int | None = None,
@@ -952,6 +964,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     `compile`: `torch.compile` the model (`train_model`);
     `deterministic`: PyTorch's deterministic kernels (off: faster on CUDA, runs agree less closely);
     `render_quality`: the env's rendering for the demos and the evaluation ("high": shadows);
+    `takeover_weight`: every sample of the takeover sets is drawn that many times per epoch (times
+    the other weights): a few hundred takeover demos are otherwise a few percent of the samples.
     `driver`, `takeover_demos`, `takeover_steps`: a DAgger round. `driver` (an earlier round's
     model folder) drives the first 1..`takeover_steps` steps of `takeover_demos` more episodes
     (demo seed `demo_seed + 1`, in `<out>/takeover`), the expert finishes each from where it finds
@@ -993,7 +1007,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         raise ValueError(f"goal_weight: expected a finite number > 0 (1: plain mean), got {goal_weight!r}")
     if goal_points not in GOAL_POINTS:
         raise ValueError(f"goal_points: expected one of {GOAL_POINTS}, got {goal_points!r}")
-    for name, value in (("early_steps", early_steps), ("early_weight", early_weight)):
+    for name, value in (("early_steps", early_steps), ("early_weight", early_weight),
+                        ("takeover_weight", takeover_weight)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     variation_weights = _check_variation_weights(variation_weights, task, variation)
@@ -1036,6 +1051,11 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         options["goal_points"] = goal_points
     if early_weight != 1:
         options.update(early_steps=early_steps, early_weight=early_weight)
+    if takeover_weight != 1:
+        if not drivers:
+            raise ValueError(f"takeover_weight: weights the takeover demos, so it needs a driver and takeover_demos "
+                             f"(got takeover_weight={takeover_weight!r} without them)")
+        options["takeover_weight"] = takeover_weight
     if variation_weights is not None:
         options["variation_weights"] = list(variation_weights)   # a list: compared with the JSON record
     if drivers:   # one driver: a str, as rounds before driver lists recorded it
@@ -1123,7 +1143,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                             "image_tokens": num_image_tokens, "vision": SHAPES[size][0], "text": SHAPES[size][1],
                             "tokens_per_sample_mean": round(float(data.lengths.float().mean()), 1),
                             "tokens_per_sample_max": int(data.lengths.max())}
-        repeats = sample_repeats(entries, data_root, early_steps, early_weight, variation_weights)
+        repeats = sample_repeats(entries, data_root, early_steps, early_weight, variation_weights, takeover_weight)
         # A run stopped by its budget left its state: continue it if it was trained with these options.
         state_path = out / STATE_FILE
         resume = torch.load(state_path, weights_only=True) if state_path.is_file() else None

@@ -396,6 +396,17 @@ def test_a_dagger_round_continued_on_a_fresh_machine_replays_its_takeover_instea
         return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
     assert files(tmp_path / "call2" / "takeover") == files(tmp_path / "call1" / "takeover")
 
+    # takeover_weight: the takeover set's samples (and only they) are drawn that many times per epoch.
+    from llarva_policy.train_small import is_takeover_sample, sample_repeats
+    entries = load_annotations(tmp_path / "call1" / "annotations.json", tmp_path / "call1" / "data")
+    takeover = json.loads((tmp_path / "call1" / "takeover_annotations.json").read_text())
+    marked = [is_takeover_sample(entry) for entry in entries]
+    assert sum(marked) == len(takeover) > 0 and not any(marked[:len(entries) - len(takeover)])
+    repeats = sample_repeats(entries, tmp_path / "call1" / "data", takeover_weight=3)
+    assert repeats.tolist() == [3 if m else 1 for m in marked]
+    with pytest.raises(ValueError, match="takeover_weight: weights the takeover demos, so it needs a driver"):
+        train_small(TASK, tmp_path / "call3", takeover_weight=3, max_steps=2, **common)
+
 
 def test_the_evaluation_reserve_is_kept_only_where_the_training_can_finish():
     from llarva_policy.train_small import PAUSE_MARGIN_SECONDS, sitting_seconds
