@@ -26,6 +26,11 @@
 #       --driver .r8/model --driver .r10/model --takeover-demos 400 --takeover-num-envs 64   # a DAgger round
 # (each --driver, an earlier round's model, drives 400 more episodes that the expert finishes,
 # batched on the GPU; the next round into the same WORK with one --driver more reuses them)
+#   TRAIN_SECONDS=280 bash benchmarks/device/train_small.sh reach_target -- --variation 0 --size small-swin \
+#       --driver /tmp/r18model --takeover-demos 288 --takeover-steps 60 --takeover-weight 5 \
+#       --finetune-from /tmp/r18model --lr 3e-4          # a DAgger round that goes on from its driver
+# (`--finetune-from`: a finished model's weights, a schedule of its own; a driver's steps driven
+# elsewhere come along as <WORK>/<task>/takeover/<task>/driven_starts.npz, put there before the call)
 #
 # The evaluation is not part of the GPU calls: `llarva eval` runs the checkpoint on any machine
 # (examples/train_small.md gives the commands; the rollouts are what costs time, not the model).
