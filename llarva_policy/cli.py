@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -301,5 +302,21 @@ def main(argv: list[str] | None = None) -> None:
     _run(command, _parser(command).parse_args(argv[1:]))
 
 
+def console(argv: list[str] | None = None) -> None:
+    """The `llarva` command: `main`, with bad input (a missing file, a malformed checkpoint, demo
+    folder or option: the library's ValueErrors and FileNotFoundErrors, whose messages name the
+    field and the expected form) reported as one line and exit status 2 instead of a traceback.
+    LLARVA_TRACEBACK=1 shows the traceback too."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get("LLARVA_TRACEBACK", "") not in ("", "0"):
+            raise
+        command = argv[0] if argv else ""
+        print(f"llarva {command}: error: {error}\n(LLARVA_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    console()

@@ -276,6 +276,25 @@ def test_folder_without_weights(tiny_dir, tmp_path):
         load_llava(tmp_path / "ckpt", device="cpu")
 
 
+def test_the_llarva_command_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys, monkeypatch):
+    from llarva_policy import cli
+
+    args = ["eval", "--task", "reach_target", "--checkpoint", str(tmp_path), "--episodes", "1"]
+    monkeypatch.delenv("LLARVA_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        cli.console(args)
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"llarva eval: error: {tmp_path / 'config.json'} is missing")
+    assert "Traceback" not in message
+    with pytest.raises(SystemExit) as stopped:
+        cli.console(["eval", "--task", "reach_target", "--checkpoint", str(tmp_path / "nowhere"), "--episodes", "1"])
+    assert stopped.value.code == 2 and "does not exist" in capsys.readouterr().err
+    monkeypatch.setenv("LLARVA_TRACEBACK", "1")     # for whoever needs to see where it was raised
+    with pytest.raises(CheckpointError, match=r"config\.json is missing"):
+        cli.console(args)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_safetensors(tiny_dir, tmp_path, damage):
     shutil.copytree(tiny_dir, tmp_path / "ckpt")

@@ -64,9 +64,9 @@ export CUBLAS_WORKSPACE_CONFIG=:4096:8 TQDM_MININTERVAL=10 HF_HUB_OFFLINE=1
 # (per task below). Not
 # LLARVA's history noise: a model trained on noisy histories misreads the exact ones of a rollout.
 # Batch 512 without deterministic kernels: faster per sample than batch 128 with them
-# (benchmarks/train_small_speed.py measures it; an earlier session's H100 figure, 2.3x with
-# --compile, was lost with that machine). No --compile here: its first step costs about a minute
-# of a 5-minute training.
+# (benchmarks/train_small_speed.py measures it). No --compile here: on the H200 it trains
+# small-swin at batch 512 1.27x as fast but its first step takes 91 s, most of a 3-5 minute
+# training (benchmarks/results/train_small_speed_small_swin_h200.json).
 # (Shadows, --render-quality high, made recording 10x slower on the device's renderer with
 # MuJoCo's 4096 px shadow map; with the 1024 px map since, 3,000 high demos took 60 s on the H200,
 # about 48 a second against fast's 55.)
