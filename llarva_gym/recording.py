@@ -205,6 +205,17 @@ def save_driven_starts(path, settings: dict, driven: dict) -> None:
     os.replace(temp, path)
 
 
+def driven_starts_settings(path) -> dict:
+    """The recording settings a driven-starts file was saved with (its driver's name among them)."""
+    path = Path(path)
+    try:
+        with np.load(path) as stored:
+            return json.loads(str(stored["settings"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: not a readable driven-starts file ({type(error).__name__}: {error}); expected "
+                         f"a {DRIVEN_STARTS_FILE} that record_demos saved") from None
+
+
 def load_driven_starts(path, settings: dict) -> dict:
     """The {attempt: DrivenStart} saved at `path` by a run with these `settings`; {} if there is no
     file. A file from a run with other settings is not used (a warning names them): the attempts

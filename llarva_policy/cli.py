@@ -176,7 +176,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--driver", default=None, metavar="MODEL", action="append",
                        help="a DAgger round: an earlier round's model folder drives the first steps of "
                             "--takeover-demos more episodes, the expert finishes them; train on both sets. "
-                            "Repeat it to aggregate rounds, oldest first (each drives --takeover-demos)")
+                            "Repeat it to aggregate rounds, oldest first (each drives --takeover-demos); "
+                            "an earlier one may be given by its driven steps instead (a checkpoint's "
+                            "takeover*_driven_starts.npz), replayed without its model")
         p.add_argument("--takeover-demos", type=int, default=0, help="expert-takeover demos driven by each --driver")
         p.add_argument("--takeover-steps", type=int, default=30, help="the most steps --driver takes in each")
         p.add_argument("--takeover-weight", type=int, default=1,

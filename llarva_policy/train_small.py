@@ -861,21 +861,45 @@ def takeover_folder(out: Path, k: int) -> Path:
     return Path(out) / (TAKEOVER_DIR if k == 0 else f"{TAKEOVER_DIR}{k}")
 
 
+def is_driven_steps(driver) -> bool:
+    """Whether a `driver` entry is a driven-starts file (`*.npz`) rather than a model folder."""
+    return Path(driver).suffix == ".npz"
+
+
+def _replayed_driver(path: str, name: str):
+    """The `make_driver` of a takeover set given by its driven steps alone: called only where they
+    do not cover the attempts this run needs."""
+    raise ValueError(f"driver: {path} holds {name}'s driven steps, not a model, and this run needs attempts they do "
+                     f"not cover (or they were recorded with other settings: a warning above names them; the k-th "
+                     f"driver's seed is demo_seed + 1 + k, so give the drivers in the order they were first given); "
+                     f"give {name}'s model folder instead")
+
+
 def _record_takeover(task, root: Path, driver, episodes: int, steps: int, *, demo_seed: int, variation,
                      render_quality: str, action_noise: float, processes: int, num_envs: int | None, seed: int,
                      visual_trace: bool, trace_points: int, history_noise: float, progress: bool) -> dict:
     """Expert-takeover demos driven by `driver` into `root`, and their annotation entries.
     `num_envs`: drive them that many at a time in this process (batched; on the GPU if there is
-    one), else (None) in each recording process."""
-    from llarva_gym.recording import record_demos
+    one), else (None) in each recording process. A `driver` that is a driven-starts file replays
+    its attempts (copied to where `record_demos` looks) under the driver name it was saved with."""
+    from llarva_gym.recording import driven_starts_path, driven_starts_settings, record_demos
     from llarva_policy.annotations import annotate
 
-    make_driver = driver_loader(driver, default_visual_trace=visual_trace)
+    if is_driven_steps(driver):
+        name = driven_starts_settings(driver)["driver"]
+        saved = driven_starts_path(root, task)
+        if not saved.is_file():
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(driver, saved)
+        make_driver = functools.partial(_replayed_driver, str(driver), name)
+        num_envs = num_envs or 1     # batched: only the main process would make the driver, and only if needed
+    else:
+        name, make_driver = str(Path(driver).resolve()), driver_loader(driver, default_visual_trace=visual_trace)
     with _decoder_not_compiled():     # the recording processes inherit it
         recorded = record_demos(task, episodes, root, image_size=IMAGE_SIZE, cameras=("front",), processes=processes,
                                 seed=demo_seed, variation=variation, render_quality=render_quality,
                                 action_noise=action_noise, driver=make_driver, driver_steps=steps,
-                                driver_name=str(Path(driver).resolve()), driver_num_envs=num_envs, progress=progress)
+                                driver_name=name, driver_num_envs=num_envs, progress=progress)
     annotations = root.with_name(f"{root.name}_annotations.json")
     annotate(root, annotations, task, seed=seed, visual_trace=visual_trace, trace_points=trace_points,
              history_noise=history_noise, processes=processes, progress=progress)
@@ -973,14 +997,17 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     A list of model folders (the earlier rounds', oldest first) aggregates them, as DAgger does:
     the k-th drives `takeover_demos` episodes of demo seed `demo_seed + 1 + k` into
     `<out>/takeover` (k = 0), `<out>/takeover1`, ...; so a round that adds the last model to the
-    list, into the same `out`, reuses the takeover demos of the ones before. `takeover_num_envs`:
+    list, into the same `out`, reuses the takeover demos of the ones before. An entry may also be
+    a driven-starts file (`*.npz`: a checkpoint's `takeover*_driven_starts.npz`) in the place its
+    driver had: its takeover set is replayed without the driver model (the expert still finishes
+    each episode), so a later round needs only the last model. `takeover_num_envs`:
     how many takeover episodes the driver drives at a time, batched in this process (None: 32 on
     CUDA, where one batched answer costs about what one costs; 0: in each recording process, one
     answer at a time);
     `isolate_evaluation`: run each evaluation in a fresh process (default: when this process has
     started CUDA; see the evaluation step).
     """
-    from llarva_gym.recording import DRIVEN_STARTS_FILE, driven_starts_path, record_demos
+    from llarva_gym.recording import DRIVEN_STARTS_FILE, driven_starts_path, driven_starts_settings, record_demos
     from llarva_gym.registration import resolve_task
     from llarva_policy.annotations import annotate
 
@@ -1019,9 +1046,12 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         raise ValueError(f"driver and takeover_demos go together: the model(s) that drive the takeover demos and how "
                          f"many to record (got driver={driver!r}, takeover_demos={takeover_demos!r})")
     for folder in drivers:
-        if not (isinstance(folder, (str, os.PathLike)) and (Path(folder) / "config.json").is_file()):
-            raise FileNotFoundError(f"driver: {folder} is not a model folder (no config.json); expected an earlier "
-                                    f"round's <out>/model (or a list of them)")
+        if isinstance(folder, (str, os.PathLike)) and is_driven_steps(folder) and Path(folder).is_file():
+            driven_starts_settings(folder)["driver"]        # a readable file that names its driver
+        elif not (isinstance(folder, (str, os.PathLike)) and (Path(folder) / "config.json").is_file()):
+            raise FileNotFoundError(f"driver: {folder} is not a model folder (no config.json) nor a driven-starts "
+                                    f"file (.npz); expected an earlier round's <out>/model, or the driven steps its "
+                                    f"takeover set was recorded from (a checkpoint's takeover*_{DRIVEN_STARTS_FILE})")
     if takeover_num_envs is not None and (isinstance(takeover_num_envs, bool) or not isinstance(takeover_num_envs, int)
                                           or takeover_num_envs < 0):
         raise ValueError(f"takeover_num_envs: expected None (32 on CUDA, else 0), 0 (drive in the recording "

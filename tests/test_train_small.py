@@ -396,6 +396,24 @@ def test_a_dagger_round_continued_on_a_fresh_machine_replays_its_takeover_instea
         return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
     assert files(tmp_path / "call2" / "takeover") == files(tmp_path / "call1" / "takeover")
 
+    # A later round needs only the driven steps of an earlier driver, in that driver's place: the
+    # same takeover set, replayed, where the driver model is not at hand.
+    steps_only = returned / f"takeover_{DRIVEN_STARTS_FILE}"
+    shutil.rmtree(tmp_path / "round1" / MODEL_DIR)
+    third = train_small(TASK, tmp_path / "call3", **{**dagger, "driver": str(steps_only), "max_steps": 1})
+    takeover = third["stages"]["takeover"]
+    assert takeover["driving_seconds"] is None and takeover["replayed"] == takeover["episodes"] + takeover["failures"]
+    assert files(tmp_path / "call3" / "takeover") == files(tmp_path / "call1" / "takeover")
+    # In another place (the k-th driver's episodes have demo seed demo_seed + 1 + k) they cannot
+    # replay, and there is no model to drive the attempts: the error says so.
+    with pytest.warns(RuntimeWarning, match="recorded with other settings"), \
+            pytest.raises(ValueError, match=r"holds .* driven steps, not a model, and this run needs attempts"):
+        train_small(TASK, tmp_path / "call4", **{**dagger, "driver": [str(steps_only)] * 2, "max_steps": 1})
+    (tmp_path / "damaged.npz").write_bytes(b"not an npz")
+    with pytest.raises(ValueError, match="damaged.npz: not a readable driven-starts file"):
+        train_small(TASK, tmp_path / "call5", **{**dagger, "driver": str(tmp_path / "damaged.npz")})
+    assert not (tmp_path / "call5").exists()          # refused before any demo is recorded
+
     # takeover_weight: the takeover set's samples (and only they) are drawn that many times per epoch.
     from llarva_policy.train_small import is_takeover_sample, sample_repeats
     entries = load_annotations(tmp_path / "call1" / "annotations.json", tmp_path / "call1" / "data")
