@@ -846,3 +846,31 @@ def test_a_run_with_variation_weights_draws_and_records_them(tmp_path):
                  "--early-weight", "2", "--variation-weights", "3,1"])
     rerun = json.loads((out / "summary.json").read_text())
     assert "reused" in rerun["stages"]["training"] and rerun["options"] == summary["options"]
+
+
+def test_takeover_coverage_counts_the_samples_annotate_makes_and_asks_the_policy_at_them(tmp_path, load_script):
+    """benchmarks/takeover_coverage.py: a set's samples are the expert's steps, the takeover
+    episodes' driven steps left out, as the training's annotations have them; with a checkpoint
+    the policy is asked at each of them (every step from the fifth, within --ask-within)."""
+    common = dict(size="toy", demos=2, batch_size=4, max_steps=2, visual_trace=True, trace_points=3, eval_episodes=0,
+                  progress=False)
+    train_small(TASK, tmp_path / "round1", **common)
+    out = tmp_path / "round2"
+    summary = train_small(TASK, out, driver=str(tmp_path / "round1" / MODEL_DIR), takeover_demos=2, takeover_steps=3,
+                          **common)
+    coverage = load_script("benchmarks/takeover_coverage.py")
+    result = coverage.main(["--task", TASK, "--sets", f"demos={out / 'data'}", f"takeover={out / 'takeover'}",
+                            "--checkpoint", str(out / MODEL_DIR), "--visual-trace", "--ask-every", "1",
+                            "--ask-within", "10", "--out", str(tmp_path / "coverage.json")])
+    demos, takeover = result["sets"]["demos"], result["sets"]["takeover"]
+    stages = summary["stages"]
+    assert takeover["steps"] == stages["takeover"]["samples"] > 0
+    assert demos["steps"] + takeover["steps"] == stages["annotations"]["samples"]
+    assert all(sum(s["step_share"]) == pytest.approx(1.0, abs=0.01) for s in (demos, takeover))
+    lengths = [len(load_demo(folder, load_images=False)) for folder in episode_dirs(out / "data", TASK)]
+    assert sum(a["samples"] for a in demos["asked"]) == sum(max(0, n - 1 - codec.HISTORY_STEPS) for n in lengths)
+    assert all(-1.0 <= a["median_cosine"] <= 1.0 and a["median_speed_ratio"] >= 0
+               for a in demos["asked"] if a["samples"])
+    assert json.loads((tmp_path / "coverage.json").read_text())["sets"]["demos"]["steps"] == demos["steps"]
+    with pytest.raises(FileNotFoundError, match="nowhere.* no such folder"):
+        coverage.main(["--task", TASK, "--sets", f"empty={tmp_path / 'nowhere'}", "--out", str(tmp_path / "x.json")])
