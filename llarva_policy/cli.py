@@ -194,6 +194,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="a finished model folder of this task and --size (trained on the same demos): start "
                             "from its weights, with a schedule of its own (a DAgger round that goes on from "
                             "its --driver instead of training from scratch)")
+        p.add_argument("--dagger-from", default=None, metavar="MODEL",
+                       help="the next DAgger round after the one that trained MODEL: its takeover sets replayed "
+                            "from the driven steps the folder carries, MODEL driving a new one, the training "
+                            "starting from MODEL's weights (sets --driver and --finetune-from)")
         p.add_argument("--compile", action="store_true", help="torch.compile the model (faster on a GPU)")
         p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                        help="without PyTorch's deterministic kernels (faster on a GPU; runs agree less closely)")
@@ -233,8 +237,14 @@ def _run(command: str, args: argparse.Namespace) -> None:
         from llarva_policy.finetune import merge_lora
         merge_lora(args.adapter, args.output)
     elif command == "train-small":
-        from llarva_policy.train_small import train_small
-        train_small(**vars(args))
+        from llarva_policy.train_small import next_dagger_drivers, train_small
+        options = vars(args)
+        dagger_from = options.pop("dagger_from")
+        if dagger_from is not None:
+            if options["driver"] or options["finetune_from"]:
+                raise ValueError("dagger_from: sets --driver and --finetune-from itself; give neither with it")
+            options.update(driver=next_dagger_drivers(dagger_from), finetune_from=dagger_from)
+        train_small(**options)
     else:
         from llarva_gym.evaluation import evaluate, print_summary
         if args.policy == "expert":

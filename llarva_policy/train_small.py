@@ -866,6 +866,27 @@ def is_driven_steps(driver) -> bool:
     return Path(driver).suffix == ".npz"
 
 
+def next_dagger_drivers(model) -> list[str]:
+    """The `driver` list of the DAgger round after the one that trained `model` (a train-small model
+    folder): each of its takeover sets by the driven steps the folder carries, in the place it had,
+    then `model` itself, which drives a new set. With `finetune_from=model` this is the next round
+    of examples/train_small.md's chain, needing no earlier model."""
+    from llarva_gym.recording import DRIVEN_STARTS_FILE
+
+    folder = Path(model)
+    if not (folder / "config.json").is_file() or not (folder / TRAINING_FILE).is_file():
+        raise FileNotFoundError(f"dagger_from: {folder} is not a train-small model folder (expected config.json and "
+                                f"{TRAINING_FILE}, as in <out>/model or models/reach_target_variation0)")
+    earlier = json.loads((folder / TRAINING_FILE).read_text()).get("options", {}).get("driver") or []
+    earlier = [earlier] if isinstance(earlier, str) else earlier       # one driver is recorded as given
+    files = [folder / f"{takeover_folder('', k).name}_{DRIVEN_STARTS_FILE}" for k in range(len(earlier))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"dagger_from: {folder} was trained on {len(earlier)} takeover set(s) but lacks the "
+                                f"driven steps of {missing}; give the drivers with --driver instead")
+    return [str(f) for f in files] + [str(folder)]
+
+
 def _replayed_driver(path: str, name: str):
     """The `make_driver` of a takeover set given by its driven steps alone: called only where they
     do not cover the attempts this run needs."""

@@ -426,6 +426,55 @@ def test_a_dagger_round_continued_on_a_fresh_machine_replays_its_takeover_instea
         train_small(TASK, tmp_path / "call3", takeover_weight=3, max_steps=2, **common)
 
 
+def test_dagger_from_runs_the_next_round_from_the_last_checkpoint_alone(tmp_path, monkeypatch):
+    """`--dagger-from MODEL`: MODEL's takeover sets come back from the driven steps it carries, in
+    their places, MODEL drives one more, and the training starts from MODEL's weights; no earlier
+    model is needed. A folder without the driven steps of every set it was trained on is refused."""
+    from llarva_gym.recording import DRIVEN_STARTS_FILE
+    from llarva_policy import train_small as train_small_module
+    from llarva_policy.train_small import next_dagger_drivers
+
+    # The tokenizer learns from the first conversations, the demos' (takeover sets come after them),
+    # so every round builds the same one, as the 3,000-demo rounds do with the default 4,000.
+    monkeypatch.setattr(train_small_module, "TOKENIZER_CORPUS", 20)
+
+    common = dict(size="toy", demos=2, batch_size=4, visual_trace=True, trace_points=3, eval_episodes=0,
+                  progress=False)
+    train_small(TASK, tmp_path / "round1", max_steps=2, **common)
+    first = tmp_path / "round1" / MODEL_DIR
+    train_small(TASK, tmp_path / "round2", driver=str(first), takeover_demos=2, takeover_steps=3, takeover_num_envs=2,
+                max_steps=1, finetune_from=str(first), **common)
+    model = tmp_path / "model2"
+    shutil.copytree(tmp_path / "round2" / MODEL_DIR, model)
+    shutil.rmtree(tmp_path / "round1")                     # the first round's model is gone
+    assert next_dagger_drivers(model) == [str(model / f"takeover_{DRIVEN_STARTS_FILE}"), str(model)]
+
+    out = tmp_path / "round3"
+    llarva_main(["train-small", "--task", TASK, "--out", str(out), "--size", "toy", "--demos", "2", "--batch-size", "4",
+                 "--visual-trace", "--trace-points", "3", "--eval-episodes", "0", "--max-steps", "1",
+                 "--takeover-demos", "2", "--takeover-steps", "3", "--takeover-num-envs", "2",
+                 "--dagger-from", str(model)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["driver"] == next_dagger_drivers(model)
+    assert summary["options"]["finetune_from"]["name"] == "model2"
+    replayed, driven = summary["stages"]["takeover"], summary["stages"]["takeover1"]
+    assert replayed["driving_seconds"] is None and replayed["replayed"] == replayed["episodes"] + replayed["failures"]
+    assert driven["driving_seconds"] > 0 and driven["replayed"] == 0
+    assert sorted(f.name for f in (out / MODEL_DIR).glob("takeover*.npz")) == [
+        f"takeover1_{DRIVEN_STARTS_FILE}", f"takeover_{DRIVEN_STARTS_FILE}"]     # the round after it can follow
+
+    with pytest.raises(ValueError, match="dagger_from: sets --driver and --finetune-from itself"):
+        llarva_main(["train-small", "--task", TASK, "--out", str(tmp_path / "bad"), "--dagger-from", str(model),
+                     "--driver", str(model)])
+    (model / f"takeover_{DRIVEN_STARTS_FILE}").unlink()
+    with pytest.raises(FileNotFoundError, match=r"trained on 1 takeover set\(s\) but lacks the driven steps of "
+                                                r"\['takeover_driven_starts.npz'\]"):
+        next_dagger_drivers(model)
+    with pytest.raises(FileNotFoundError, match="is not a train-small model folder"):
+        next_dagger_drivers(tmp_path / "nothing")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_the_evaluation_reserve_is_kept_only_where_the_training_can_finish():
     from llarva_policy.train_small import PAUSE_MARGIN_SECONDS, sitting_seconds
 
