@@ -1021,7 +1021,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     list, into the same `out`, reuses the takeover demos of the ones before. An entry may also be
     a driven-starts file (`*.npz`: a checkpoint's `takeover*_driven_starts.npz`) in the place its
     driver had: its takeover set is replayed without the driver model (the expert still finishes
-    each episode), so a later round needs only the last model. `takeover_num_envs`:
+    each episode), so a later round needs only the last model: `next_dagger_drivers(model)` is the
+    list for the round after `model`'s (`llarva train-small --dagger-from`). `takeover_num_envs`:
     how many takeover episodes the driver drives at a time, batched in this process (None: 32 on
     CUDA, where one batched answer costs about what one costs; 0: in each recording process, one
     answer at a time);
