@@ -27,7 +27,7 @@ import llarva_gym  # noqa: E402,F401
 from llarva_gym.demos import DemoFormatError, episode_dirs, load_demo  # noqa: E402
 from llarva_gym.recording import record_demos  # noqa: E402
 from llarva_policy import codec  # noqa: E402
-from llarva_policy.annotations import annotate  # noqa: E402
+from llarva_policy.annotations import annotate, episode_annotations  # noqa: E402
 from llarva_policy.cli import _parser as llarva_parser  # noqa: E402
 from llarva_policy.cli import main as llarva_main  # noqa: E402
 from llarva_policy.finetune import (  # noqa: E402
@@ -923,3 +923,44 @@ def test_takeover_coverage_counts_the_samples_annotate_makes_and_asks_the_policy
     assert json.loads((tmp_path / "coverage.json").read_text())["sets"]["demos"]["steps"] == demos["steps"]
     with pytest.raises(FileNotFoundError, match="nowhere.* no such folder"):
         coverage.main(["--task", TASK, "--sets", f"empty={tmp_path / 'nowhere'}", "--out", str(tmp_path / "x.json")])
+
+
+def test_answer_token_loss_splits_the_training_loss_by_what_each_token_writes(tmp_path, load_script):
+    """benchmarks/answer_token_loss.py: every answer token gets one kind (seven integer digits and
+    seven first decimals per action, the trace's digits, the gripper's number), and the tokens'
+    losses average to the loss the model reports for that sample."""
+    train_small(TASK, tmp_path / "run", size="toy", demos=1, batch_size=4, max_steps=2, visual_trace=True,
+                trace_points=3, eval_episodes=0, progress=False)
+    script = load_script("benchmarks/answer_token_loss.py")
+    answer = codec.format_answer([0.1234, -0.05, 1.5, -0.0, 0.0001, -2.25, 0.3, 1.0], np.array([[64, 30], [70, 41]]))
+    kinds = script.character_kinds(answer)
+    assert "".join(c for c, k in zip(answer, kinds) if k == "trace_digit") == "64307041"
+    assert [c for c, k in zip(answer, kinds) if k == "sign"] == ["-"] * 3
+    assert sum(k == "integer_digit" for k in kinds) == 7 and sum(k == "decimal1" for k in kinds) == 7
+    assert "".join(c for c, k in zip(answer, kinds) if k == "decimal4") == "41"     # 0.1234 and 0.0001
+    assert "".join(c for c, k in zip(answer, kinds) if k == "gripper") == "1.0"
+
+    loaded = load_llava(tmp_path / "run" / MODEL_DIR, device="cpu", dtype=torch.float32)
+    demo = load_demo(episode_dirs(tmp_path / "run" / "data", TASK)[0])
+    entry = episode_annotations(demo, "", visual_trace=True, trace_points=3)[6]
+    question, answer = (turn["value"] for turn in entry["conversations"])
+    losses = script.token_losses(loaded.model, loaded.processor, demo[6].front_rgb, question, answer)
+    sample = tokenize_conversation(loaded.processor, demo[6].front_rgb, question, answer)
+    with torch.no_grad():
+        reported = loaded.model(input_ids=sample["input_ids"][None], attention_mask=sample["attention_mask"][None],
+                                pixel_values=sample["pixel_values"][None], labels=sample["labels"][None]).loss
+    assert len(losses) == int((sample["labels"] != -100).sum())
+    assert np.mean([loss for _, loss in losses]) == pytest.approx(float(reported), rel=1e-4)
+    counted = {kind: sum(k == kind for k, _ in losses) for kind in script.KINDS}
+    assert counted["integer_digit"] == counted["decimal1"] == 7 and counted["trace_digit"] >= 6
+
+    result = script.main(["--task", TASK, "--checkpoint", str(tmp_path / "run" / MODEL_DIR), "--sets",
+                          f"demos={tmp_path / 'run' / 'data'}", "--every", "1", "--out", str(tmp_path / "tl.json")])
+    bins = result["sets"]["demos"]["bins"]
+    assert sum(row["samples"] for row in bins) == len(demo) - 1
+    velocities = np.abs([codec.parse_answer(e["conversations"][1]["value"], expect_trace=True).action[:7]
+                         for e in episode_annotations(demo, "", visual_trace=True, trace_points=3)])
+    shares = [(row["samples"], row["label_share_under_0.1"]) for row in bins if row["samples"]]
+    assert sum(n * share for n, share in shares) / len(velocities) == pytest.approx((velocities < 0.1).mean(), abs=0.01)
+    assert json.loads((tmp_path / "tl.json").read_text())["sets"]["demos"]["bins"] == bins
+
