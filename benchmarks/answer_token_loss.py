@@ -20,7 +20,6 @@ them; beside it, how small the labels' joint velocities are there. The mean is u
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -38,31 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from takeover_coverage import BINS, GOALS, bin_index, parse_sets  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-NUMBER_KINDS = ("sign", "integer_digit", "decimal1", "decimal2", "decimal3", "decimal4")
-KINDS = ("trace_digit",) + NUMBER_KINDS + ("gripper", "other")
-
-
-def character_kinds(answer: str) -> list[str]:
-    """The kind of every character of an answer (`codec.format_answer`'s text)."""
-    kinds = ["other"] * len(answer)
-    action_start = answer.index(codec.ANSWER_PREFIX) + len(codec.ANSWER_PREFIX)
-    for i, character in enumerate(answer[:action_start]):
-        if character.isdigit():
-            kinds[i] = "trace_digit"    # only the trace's pixel positions hold digits before the action
-    numbers = list(re.finditer(codec.NUMBER_PATTERN, answer[action_start:]))
-    for j, number in enumerate(numbers):
-        start, text = action_start + number.start(), number.group()
-        dot = text.index(".")
-        for i, character in enumerate(text):
-            if j == codec.ACTION_SIZE - 1:
-                kinds[start + i] = "gripper"
-            elif character == "-":
-                kinds[start + i] = "sign"
-            elif i < dot:
-                kinds[start + i] = "integer_digit"
-            elif i > dot:
-                kinds[start + i] = f"decimal{i - dot}"
-    return kinds
+# The kinds in the order the table shows them ("other" last); what they are: codec.answer_character_kinds.
+KINDS = codec.ANSWER_KINDS[1:] + codec.ANSWER_KINDS[:1]
 
 
 def token_losses(model, processor, image, question: str, answer: str) -> list[tuple[str, float]]:
@@ -82,7 +58,7 @@ def token_losses(model, processor, image, question: str, answer: str) -> list[tu
                        pixel_values=sample["pixel_values"][None].to(device, model.dtype)).logits[0, :-1].float()
     targets = sample["labels"][1:].to(device)
     losses = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
-    kinds = character_kinds(answer)
+    kinds = codec.answer_character_kinds(answer)
     result = []
     for position in torch.nonzero(targets != IGNORE_INDEX).flatten().tolist():
         first, last = (int(x) - expanded_answer_start for x in offsets[position + 1])

@@ -57,7 +57,7 @@ def synthetic_set(tokenizer, samples: int, seq: int, image_tokens: int, seed: in
         goal[row, length - 20:length - 15] = True
     images = torch.randint(0, 256, (samples, 3, train_small.IMAGE_SIZE, train_small.IMAGE_SIZE), dtype=torch.uint8,
                            generator=generator)
-    return train_small.TrainingSet(ids, labels, lengths, images, goal)
+    return train_small.TrainingSet(ids, labels, lengths, images, goal, torch.zeros_like(ids, dtype=torch.uint8))
 
 
 def measure(setting: dict, tokenizer, device, steps: int, seq: int) -> dict:

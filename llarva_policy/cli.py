@@ -163,6 +163,10 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--goal-points", default="last", choices=("last", "future"),
                        help="the points --goal-weight weights: the last, or all but the first (the ones "
                             "teacher forcing does not give away: see train_small.goal_span)")
+        p.add_argument("--answer-weights", type=_kind_weights, default=None, metavar="KIND=W,...",
+                       help="loss weights of the answer tokens by what they write, the others 1 (e.g. "
+                            "sign=3,decimal1=3,decimal3=0.1,decimal4=0.1); kinds: "
+                            "other, trace_digit, sign, integer_digit, decimal1-4, gripper")
         p.add_argument("--action-noise", type=float, default=0.0,
                        help="DART noise injection in the demos (see llarva demos --action-noise)")
         p.add_argument("--early-steps", type=int, default=5, help="see --early-weight")
@@ -299,6 +303,22 @@ def _positive_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, one per variation "
                                          f"(e.g. 3,1), got {text!r}")
     return tuple(int(part) for part in parts)
+
+
+def _kind_weights(text: str) -> dict[str, float]:
+    """--answer-weights: comma-separated KIND=WEIGHT ("sign=3,decimal4=0.1"); the kinds and the
+    weights' range are checked by train_small (check_answer_weights)."""
+    weights = {}
+    for part in text.split(","):
+        kind, equals, weight = part.strip().partition("=")
+        try:
+            weights[kind.strip()] = float(weight)
+        except ValueError:
+            equals = ""
+        if not equals or not kind.strip():
+            raise argparse.ArgumentTypeError(f"expected comma-separated KIND=WEIGHT (e.g. sign=3,decimal4=0.1), "
+                                             f"got {part!r} in {text!r}")
+    return weights
 
 
 def main(argv: list[str] | None = None) -> None:

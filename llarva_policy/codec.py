@@ -202,6 +202,38 @@ def format_answer(action: Sequence[float], trace: np.ndarray | None = None, *,
     return template.trace_prefix + trace_text + template.trace_suffix + text
 
 
+# What each character of an answer writes, for a loss that weighs them apart (train-small's
+# `answer_weights`) and for reading a loss by part (benchmarks/answer_token_loss.py). "other": the
+# fixed words, brackets, commas and `</s>`; a positive number has no sign character.
+ANSWER_KINDS = ("other", "trace_digit", "sign", "integer_digit",
+                "decimal1", "decimal2", "decimal3", "decimal4", "gripper")
+
+
+def answer_character_kinds(answer: str, *, template: str | Template = TRAINING) -> list[str]:
+    """The kind (one of `ANSWER_KINDS`) of every character of `answer`, `format_answer`'s text."""
+    prefix = get_template(template).action_prefix + "["
+    if prefix not in answer:
+        raise ValueError(f"answer: expected the action after {prefix!r}, got {answer[:80]!r}")
+    kinds = ["other"] * len(answer)
+    action_start = answer.index(prefix) + len(prefix)
+    for i, character in enumerate(answer[:action_start]):
+        if character.isdigit():
+            kinds[i] = "trace_digit"    # only the trace's pixel positions hold digits before the action
+    for j, number in enumerate(_NUMBER_RE.finditer(answer, action_start)):
+        start, text = number.start(), number.group()
+        dot = text.index(".")
+        for i, character in enumerate(text):
+            if j == ACTION_SIZE - 1:
+                kinds[start + i] = "gripper"
+            elif character == "-":
+                kinds[start + i] = "sign"
+            elif i < dot:
+                kinds[start + i] = "integer_digit"
+            elif i > dot:
+                kinds[start + i] = f"decimal{i - dot}"
+    return kinds
+
+
 class AnswerParseError(ValueError):
     """The model's output is not an answer in the expected form. `text` is the whole output."""
 

@@ -294,14 +294,14 @@ class TrainingSet:
     labels: torch.Tensor      # (S, L) int64, IGNORE_INDEX outside the answers
     lengths: torch.Tensor     # (S,) tokens of each sample, image tokens included
     images: torch.Tensor      # (S, 3, H, W) uint8
-    goal: torch.Tensor        # (S, L) bool: the answer tokens of the visual trace's last point (`goal_mask`)
+    goal: torch.Tensor        # (S, L) bool: the answer tokens of the visual trace's goal (`goal_span`)
+    kind: torch.Tensor        # (S, L) uint8: what each answer token writes, an index into codec.ANSWER_KINDS
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def to(self, device) -> "TrainingSet":
-        return TrainingSet(*(t.to(device) for t in (self.input_ids, self.labels, self.lengths, self.images,
-                                                    self.goal)))
+        return TrainingSet(*(getattr(self, name).to(device) for name in self.__dataclass_fields__))
 
 
 # A point of a visual trace, "[column, row]"; the action's list of decimals never matches.
@@ -334,9 +334,13 @@ def goal_span(answer: str, goal_points: str = "last") -> tuple[int, int] | None:
 
 
 def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_token: str = codec.IMAGE_TOKEN,
-                         template=codec.TRAINING, goal_points: str = "last", chunk: int = 2048) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(input_ids, labels, goal) of every annotation entry; ids and labels as
-    `finetune.tokenize_conversation` makes them, goal the answer tokens of `goal_span` (bool).
+                         template=codec.TRAINING, goal_points: str = "last",
+                         chunk: int = 2048) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(input_ids, labels, goal, kind) of every annotation entry; ids and labels as
+    `finetune.tokenize_conversation` makes them, goal the answer tokens of `goal_span` (bool), kind
+    what each answer token writes (`codec.answer_character_kinds`; a token spanning several kinds,
+    as ", -" does, takes the first that is not "other"), as an index into `codec.ANSWER_KINDS`.
+    Both are aligned with the labels' shift: position i holds the goal and kind of token i + 1.
 
     The conversation text is tokenized with its one `<image>`, which then becomes
     `num_image_tokens` copies (the processor writes them into the text; `<image>` is an added
@@ -354,11 +358,12 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
     backend.no_truncation()
     encoded = []
     for begin in range(0, len(entries), chunk):
-        texts, answer_starts, goals = [], [], []
+        texts, answer_starts, goals, answer_kinds = [], [], [], []
         for entry in entries[begin:begin + chunk]:
             question, answer = conversation_turns(entry)
             texts.append(codec.build_conversation_text(question, answer, template=template))
             answer_starts.append(codec.answer_span(question, answer, template=template)[0])
+            answer_kinds.append(_character_kind_codes(answer, template))
             goal = goal_span(answer, goal_points)
             goals.append((-1, -1) if goal is None else (answer_starts[-1] + goal[0], answer_starts[-1] + goal[1]))
         for index, encoding in enumerate(backend.encode_batch(texts)):
@@ -376,12 +381,47 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
             if end > start:
                 first, last = _first_token_ending_after(encoding, start), _first_token_ending_after(encoding, end - 1)
                 goal[max(first - 1, 0):last] = True
+            kind = _token_kinds(encoding, answer_starts[index], answer_kinds[index], labels)
             k = where[0]
             ids = np.concatenate([ids[:k], np.full(num_image_tokens, image_id), ids[k + 1:]])
             labels = np.concatenate([labels[:k], np.full(num_image_tokens, IGNORE_INDEX), labels[k + 1:]])
             goal = np.concatenate([goal[:k], np.zeros(num_image_tokens, dtype=bool), goal[k + 1:]])
-            encoded.append((ids, labels, goal))
+            kind = np.concatenate([kind[:k], np.zeros(num_image_tokens, dtype=np.uint8), kind[k + 1:]])
+            encoded.append((ids, labels, goal, kind))
     return encoded
+
+
+_KIND_CODE = {name: code for code, name in enumerate(codec.ANSWER_KINDS)}   # "other" is 0
+
+
+def _character_kind_codes(answer: str, template) -> np.ndarray:
+    """`codec.answer_character_kinds` as codes, with "other" (0) for the `</s>` after the answer."""
+    kinds = codec.answer_character_kinds(answer, template=template)
+    return np.array([_KIND_CODE[k] for k in kinds] + [0] * len(template.end_of_answer), dtype=np.uint8)
+
+
+def _token_kinds(encoding, answer_start: int, character_codes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(tokens,) uint8: at position i, the kind code of token i + 1 when that token is labelled."""
+    kind = np.zeros(len(labels), dtype=np.uint8)
+    labelled = np.flatnonzero(labels != IGNORE_INDEX)
+    if len(labelled) == 0:
+        return kind
+    first = int(labelled[0])
+    # Where each character's kind, or the next non-"other" one, is: a token takes the first kind
+    # that is not "other" among its characters.
+    codes = np.append(character_codes, 0)
+    nonzero = np.flatnonzero(codes)
+    next_nonzero = np.full(len(codes), len(codes))
+    following = np.searchsorted(nonzero, np.arange(len(codes)))
+    inside = following < len(nonzero)
+    next_nonzero[inside] = nonzero[following[inside]]
+    spans = np.array(encoding.offsets[first:], dtype=np.int64).reshape(-1, 2) - answer_start
+    starts = np.clip(spans[:, 0], 0, len(codes) - 1)
+    ends = np.clip(spans[:, 1], 0, len(codes))
+    at = next_nonzero[starts]
+    token_codes = np.where(at < ends, codes[np.minimum(at, len(codes) - 1)], 0).astype(np.uint8)
+    kind[first - 1:len(labels) - 1] = token_codes
+    return kind
 
 
 def _first_token_ending_after(encoding, char: int) -> int:
@@ -435,21 +475,24 @@ def build_training_set(entries, images_root, tokenizer, *, num_image_tokens: int
                                    goal_points=goal_points)
     timings["tokenize"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
-    lengths = [len(ids) for ids, _, _ in encoded]
+    lengths = [len(ids) for ids, *_ in encoded]
     input_ids = np.full((len(encoded), max(lengths)), pad_token_id, dtype=np.int64)
     labels = np.full((len(encoded), max(lengths)), IGNORE_INDEX, dtype=np.int64)
     goal = np.zeros((len(encoded), max(lengths)), dtype=bool)
-    for row, (ids, row_labels, row_goal) in enumerate(encoded):
+    kind = np.zeros((len(encoded), max(lengths)), dtype=np.uint8)
+    for row, (ids, row_labels, row_goal, row_kind) in enumerate(encoded):
         input_ids[row, :len(ids)] = ids
         labels[row, :len(ids)] = row_labels
         goal[row, :len(ids)] = row_goal
+        kind[row, :len(ids)] = row_kind
     timings["pad"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
     images = load_images([Path(images_root) / entry["image"] for entry in entries])
     timings["images"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
     data = TrainingSet(torch.from_numpy(input_ids), torch.from_numpy(labels), torch.tensor(lengths),
-                       torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(goal))
+                       torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(goal),
+                       torch.from_numpy(kind))
     timings["pack"] = round(time.perf_counter() - clock, 2)
     return data
 
@@ -498,13 +541,14 @@ def learning_rate(step: int, total: int | None, *, peak: float, warmup: int, fin
     return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def answer_loss(model, input_ids, labels, pixel_values, goal=None,
-                goal_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_loss(model, input_ids, labels, pixel_values, goal=None, goal_weight: float = 1.0,
+                kind=None, kind_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(training loss, mean cross-entropy, token accuracy) on the answer tokens.
 
     The training loss is the cross-entropy averaged with weight `goal_weight` on the tokens of
-    `goal` (bool, as `labels`) and 1 elsewhere; the mean cross-entropy, unweighted, is what the log
-    reports. Right-padded rows need no attention mask under causal attention (no real token sees
+    `goal` (bool, as `labels`) and 1 elsewhere, times `kind_weights[kind]` (`kind`: uint8 as
+    `labels`, `TrainingSet.kind`; `kind_weights`: one weight per `codec.ANSWER_KINDS`); the mean
+    cross-entropy, unweighted, is what the log reports. Right-padded rows need no attention mask under causal attention (no real token sees
     a pad), so attention runs its fused causal kernel; the LM head runs on the answer positions only.
     """
     hidden = model.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False).last_hidden_state
@@ -515,8 +559,13 @@ def answer_loss(model, input_ids, labels, pixel_values, goal=None,
     per_token = F.cross_entropy(logits, targets, reduction="none")
     mean = per_token.mean()
     loss = mean
+    weights = None
     if goal is not None and goal_weight != 1.0:
         weights = 1.0 + (goal_weight - 1.0) * goal[:, :-1][keep].float()
+    if kind is not None and kind_weights is not None:
+        by_kind = kind_weights[kind[:, :-1][keep].long()]
+        weights = by_kind if weights is None else weights * by_kind
+    if weights is not None:
         loss = (per_token * weights).sum() / weights.sum()
     accuracy = (logits.argmax(-1) == targets).float().mean()
     return loss, mean, accuracy
@@ -536,7 +585,8 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
                 lr: float = 1e-3, warmup_steps: int = 200, weight_decay: float = 0.01, max_steps: int | None = None,
                 train_seconds: float = 300.0, stop_seconds: float | None = None, seed: int = 0,
                 bf16: bool | None = None, checkpoint_seconds: float = 60.0, on_checkpoint=None, log_every: int = 25,
-                goal_weight: float = 1.0, repeats: torch.Tensor | None = None, compile: bool = False,
+                goal_weight: float = 1.0, answer_weights: dict[str, float] | None = None,
+                repeats: torch.Tensor | None = None, compile: bool = False,
                 resume: dict | None = None, progress: bool = True) -> dict:
     """Train every weight of `model` on `data` (on `device`); returns the training log.
 
@@ -552,7 +602,9 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
     clock's seconds, the data order. `on_checkpoint(model, log, state)` is called every
     `checkpoint_seconds` and at the end.
 
-    `goal_weight`: the loss weight of `data.goal`'s tokens. `repeats` (S,) ints: how many times
+    `goal_weight`: the loss weight of `data.goal`'s tokens; `answer_weights`: {kind: weight} for
+    kinds of `codec.ANSWER_KINDS` (the others 1), the loss weight of the tokens that write them
+    (`data.kind`), times the goal's. `repeats` (S,) ints: how many times
     each sample is drawn per epoch (1 for all if None). `compile`: `torch.compile` the LLaVA
     forward (`model.model`, in place: the checkpoint's names do not change), every batch padded
     to the data's full width so that one graph serves them all.
@@ -566,6 +618,8 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
     if compile and getattr(model.model, "_compiled_call_impl", None) is None:
         model.model.compile(dynamic=False)
     optimizer = _optimizer(model, lr, weight_decay, device)
+    kind_weights = None if not answer_weights else torch.tensor(
+        [float(answer_weights.get(name, 1.0)) for name in codec.ANSWER_KINDS], device=device)
     pool = torch.arange(len(data)) if repeats is None else torch.repeat_interleave(torch.arange(len(data)), repeats.cpu())
     if len(pool) < batch_size:
         batch_size = len(pool)
@@ -579,7 +633,8 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
     if resume is None:
         log = {"max_steps": None if on_clock else total, "max_steps_chosen": "clock" if on_clock else "given",
                "batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "weight_decay": weight_decay,
-               "bf16": bf16, "goal_weight": goal_weight, "samples": len(data), "samples_per_epoch": len(pool),
+               "bf16": bf16, "goal_weight": goal_weight, **({"answer_weights": answer_weights} if answer_weights else {}),
+               "samples": len(data), "samples_per_epoch": len(pool),
                "compile": compile, "steps": 0, "epochs": 0.0, "seconds": 0.0, "stopped_by": None, "sittings": 1,
                "history": []}
         step, spent_before, warmup_ended_at = 0, 0.0, None
@@ -635,6 +690,7 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
             input_ids = data.input_ids[index, :length]
             labels = data.labels[index, :length]
             goal = data.goal[index, :length]
+            kind = data.kind[index, :length] if kind_weights is not None else None
             pixel_values = normalize(data.images[index])
 
             clock = None
@@ -644,7 +700,8 @@ def train_model(model, data: TrainingSet, normalize: ImageNormalizer, *, device:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total, peak=lr, warmup=warmup, progress=clock)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, mean_loss, accuracy = answer_loss(model, input_ids, labels, pixel_values, goal, goal_weight)
+                loss, mean_loss, accuracy = answer_loss(model, input_ids, labels, pixel_values, goal, goal_weight,
+                                                        kind, kind_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -816,6 +873,28 @@ def _check_variation_weights(variation_weights, task: str, variation) -> tuple[i
     return tuple(int(w) for w in weights)
 
 
+def check_answer_weights(answer_weights) -> dict[str, float] | None:
+    """`answer_weights` as {kind: float}, in `codec.ANSWER_KINDS`' order, without the kinds left at 1
+    (None when none is left): a clear error for an unknown kind or a weight that is not a finite
+    number >= 0, or for all of them 0."""
+    if answer_weights is None:
+        return None
+    expected = (f"a mapping of kinds among {list(codec.ANSWER_KINDS)} to finite weights >= 0 "
+                f"(e.g. {{'sign': 3, 'decimal4': 0.1}})")
+    if not isinstance(answer_weights, dict):
+        raise ValueError(f"answer_weights: expected {expected}, got {answer_weights!r}")
+    for kind, weight in answer_weights.items():
+        if kind not in codec.ANSWER_KINDS:
+            raise ValueError(f"answer_weights: unknown kind {kind!r}; expected {expected}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"answer_weights: {kind}={weight!r}; expected {expected}")
+    if all(answer_weights.get(kind, 1.0) == 0 for kind in codec.ANSWER_KINDS):
+        raise ValueError(f"answer_weights: every kind weighs 0, so nothing would be learned; expected {expected}")
+    weights = {kind: float(answer_weights[kind]) for kind in codec.ANSWER_KINDS
+               if kind in answer_weights and answer_weights[kind] != 1}
+    return weights or None
+
+
 def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root, tokenizer,
                          num_image_tokens: int, goal_points: str, timings: dict) -> TrainingSet:
     """`build_training_set`, stored in `cache` and reused while the annotations file, the
@@ -823,7 +902,8 @@ def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root
     of tokenizing). `timings` receives the seconds of each part."""
     clock = time.perf_counter()
     digest = hashlib.sha256(annotations_path.read_bytes())
-    digest.update(json.dumps([num_image_tokens, goal_points, sorted(tokenizer.get_vocab().items())]).encode())
+    digest.update(json.dumps([num_image_tokens, goal_points, sorted(tokenizer.get_vocab().items()),
+                              list(TrainingSet.__dataclass_fields__)]).encode())
     key = digest.hexdigest()
     if cache.is_file():
         try:
@@ -961,7 +1041,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                 eval_seed: int = 0, eval_episode_length: int | None = None, expert_baseline: bool = True,
                 visual_trace: bool = False, trace_points: int = 10, history_noise: float = 0.0,
                 goal_weight: float = 1.0, goal_points: str = "last", action_noise: float = 0.0, early_steps: int = 5, early_weight: int = 1,
-                takeover_weight: int = 1,
+                takeover_weight: int = 1, answer_weights: dict[str, float] | None = None,
                 variation_weights: Sequence[int] | None = None,
                 compile: bool = False, deterministic: bool = True, render_quality: str = "fast", device=None,
                 driver=None, takeover_demos: int = 0, takeover_steps: int = 30, takeover_num_envs: int | None = None,
@@ -995,6 +1075,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     sigma (radians) of the noise on the joint history in the training text, as LLARVA's 0.01;
     `goal_weight`: the loss weight of the trace's goal (`goal_span`), 1 = plain mean; `goal_points`:
     which points are the goal, "last" or "future" (all but the first: see `goal_span`);
+    `answer_weights`: {kind: weight >= 0} for kinds of `codec.ANSWER_KINDS`, the others 1: the
+    loss weight of the answer tokens that write that kind (e.g. a joint velocity's sign, its
+    third decimal), times `goal_weight`; the text stays LLARVA's, only what the loss counts changes;
     `action_noise`: DART's noise injection in the demos (`record_demos`); `variation`: demos and
     evaluation episodes of that one variation only (a diagnostic: the instruction then says
     nothing the image does not);
@@ -1061,6 +1144,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     variation_weights = _check_variation_weights(variation_weights, task, variation)
+    answer_weights = check_answer_weights(answer_weights)
     if isinstance(takeover_demos, bool) or not isinstance(takeover_demos, int) or takeover_demos < 0:
         raise ValueError(f"takeover_demos: expected an int >= 0 (0: no takeover demos), got {takeover_demos!r}")
     drivers = [] if driver is None else [driver] if isinstance(driver, (str, os.PathLike)) else list(driver)
@@ -1110,6 +1194,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         options["takeover_weight"] = takeover_weight
     if variation_weights is not None:
         options["variation_weights"] = list(variation_weights)   # a list: compared with the JSON record
+    if answer_weights:
+        options["answer_weights"] = answer_weights
     if drivers:   # one driver: a str, as rounds before driver lists recorded it
         options.update(driver=str(drivers[0]) if len(drivers) == 1 else [str(d) for d in drivers],
                        takeover_demos=takeover_demos, takeover_steps=takeover_steps)
@@ -1246,7 +1332,8 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
                               warmup_steps=warmup_steps, weight_decay=weight_decay, max_steps=max_steps,
                               train_seconds=budget, stop_seconds=stop_seconds, seed=seed,
                               checkpoint_seconds=checkpoint_seconds, on_checkpoint=on_checkpoint,
-                              goal_weight=goal_weight, repeats=repeats, compile=compile, resume=resume,
+                              goal_weight=goal_weight, answer_weights=answer_weights, repeats=repeats,
+                              compile=compile, resume=resume,
                               progress=progress)
         del model, data, resume
         if device.type == "cuda":

@@ -267,3 +267,22 @@ def test_parse_error_truncates_long_text():
 def test_parse_rejects_non_strings():
     with pytest.raises(AnswerParseError, match="not a string"):
         parse_answer(None)
+
+
+def test_every_character_of_an_answer_has_the_kind_it_writes():
+    answer = codec.format_answer([0.1234, -0.05, 1.5, -0.0, 0.0001, -2.25, 0.3, 1.0], np.array([[64, 30], [70, 41]]))
+    kinds = codec.answer_character_kinds(answer)
+    assert len(kinds) == len(answer) and set(kinds) <= set(codec.ANSWER_KINDS)
+
+    def written(kind):
+        return "".join(c for c, k in zip(answer, kinds) if k == kind)
+    assert written("trace_digit") == "64307041"
+    assert written("sign") == "---"                       # -0.05, -0.0, -2.25; positives have none
+    assert written("integer_digit") == "0010020" and written("decimal1") == "1050023"
+    assert written("decimal2") == "2505" and written("decimal3") == "30" and written("decimal4") == "41"
+    assert written("gripper") == "1.0"
+    assert all(k == "other" for c, k in zip(answer[:-3], kinds) if not (c.isdigit() or c == "-"))   # the dots too
+    no_trace = codec.format_answer([0.5] * 7 + [0.0])
+    assert "trace_digit" not in codec.answer_character_kinds(no_trace)
+    with pytest.raises(ValueError, match="answer: expected the action after"):
+        codec.answer_character_kinds("[[64, 30]] and no action")

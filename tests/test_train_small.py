@@ -48,6 +48,7 @@ from llarva_policy.train_small import (  # noqa: E402
     answer_loss,
     build_model,
     build_training_set,
+    check_answer_weights,
     driver_loader,
     encode_conversations,
     episode_step,
@@ -105,7 +106,7 @@ def test_samples_are_tokenized_as_finetune_tokenizes_them(annotated):
     data_root, entries = annotated
     tokenizer, model, processor = toy_model(entries)
     encoded = encode_conversations(entries[:6], tokenizer, num_image_tokens=model.config.image_seq_length)
-    for entry, (ids, labels, goal) in zip(entries[:6], encoded):
+    for entry, (ids, labels, goal, _) in zip(entries[:6], encoded):
         assert not goal.any()   # no visual trace, no goal tokens
         with Image.open(data_root / entry["image"]) as image:
             expected = tokenize_conversation(processor, image.convert("RGB"), *conversation_turns(entry))
@@ -780,6 +781,78 @@ def test_goal_tokens_are_the_trace_points_asked_for_and_weight_the_loss(tmp_path
     assert not torch.allclose(weighted, mean)
 
 
+def test_answer_weights_weigh_the_tokens_by_what_they_write(tmp_path):
+    """Every labelled answer token has the kind it writes (seven integer digits and seven first
+    decimals per action, a sign for each negative velocity); `answer_weights` turns the mean over
+    tokens into the mean weighted by kind (and times the goal's weight), the logged mean unchanged."""
+    root = tmp_path
+    record_demos(TASK, 1, root / "data", seed=0, progress=False)
+    annotate(root / "data", root / "annotations.json", TASK, seed=0, visual_trace=True, trace_points=3,
+             progress=False)
+    entries = load_annotations(root / "annotations.json", root / "data")[:8]
+    tokenizer, model, processor = toy_model(entries)
+    data = toy_data(entries, root / "data", tokenizer, model, "future")
+    code = {name: i for i, name in enumerate(codec.ANSWER_KINDS)}
+    for row, entry in enumerate(entries):
+        action = codec.parse_answer(conversation_turns(entry)[1], expect_trace=True).action
+        kind = data.kind[row]
+        labelled = data.labels[row, 1:] != IGNORE_INDEX
+        assert (kind[:-1][~labelled] == 0).all() and kind[-1] == 0     # only labelled positions have a kind
+        written = kind[:-1][labelled].tolist()
+        assert written.count(code["integer_digit"]) == written.count(code["decimal1"]) == 7
+        assert written.count(code["sign"]) == int(np.signbit(action[:7]).sum())     # -0.0 written too
+        assert written.count(code["trace_digit"]) >= 6 and code["gripper"] in written
+
+    normalize = ImageNormalizer(processor.image_processor, CPU)
+    args = (model, data.input_ids, data.labels, normalize(data.images))
+    with torch.no_grad():
+        mean = answer_loss(*args)[1]
+        # the mean cross-entropy of each kind's tokens alone, and how many there are
+        alone, counts = {}, {}
+        for name in codec.ANSWER_KINDS:
+            one_hot = torch.tensor([float(other == name) for other in codec.ANSWER_KINDS])
+            counts[name] = int((data.kind[:, :-1][data.labels[:, 1:] != IGNORE_INDEX] == code[name]).sum())
+            if counts[name]:
+                alone[name] = answer_loss(*args, kind=data.kind, kind_weights=one_hot)[0]
+        weights = {"sign": 3.0, "decimal1": 3.0, "decimal3": 0.1, "decimal4": 0.0}
+        table = torch.tensor([weights.get(name, 1.0) for name in codec.ANSWER_KINDS])
+        weighted, mean_again, _ = answer_loss(*args, kind=data.kind, kind_weights=table)
+        with_goal = answer_loss(*args, data.goal, 10.0, data.kind, table)[0]
+    total = sum(counts.values())
+    assert total == int((data.labels[:, 1:] != IGNORE_INDEX).sum())
+    assert float(mean) == pytest.approx(sum(counts[k] * float(alone[k]) for k in alone) / total, rel=1e-4)
+    expected = (sum(weights.get(k, 1.0) * counts[k] * float(alone[k]) for k in alone)
+                / sum(weights.get(k, 1.0) * counts[k] for k in alone))
+    assert float(weighted) == pytest.approx(expected, rel=1e-4) and torch.allclose(mean, mean_again)
+    assert abs(float(weighted) - float(mean)) > 1e-3 and abs(float(with_goal) - float(weighted)) > 1e-4
+
+
+def test_answer_weights_name_known_kinds_and_weights_of_zero_or_more(tmp_path):
+    assert check_answer_weights(None) is None and check_answer_weights({"sign": 1}) is None
+    assert check_answer_weights({"decimal4": 0, "sign": 3}) == {"sign": 3.0, "decimal4": 0.0}
+    for bad, field in (({"digit": 2}, "unknown kind 'digit'"), ({"sign": -1}, "sign=-1"),
+                       ({"sign": float("nan")}, "sign=nan"), ({"sign": "3"}, "sign='3'"), ([("sign", 3)], "expected a mapping"),
+                       ({k: 0 for k in codec.ANSWER_KINDS}, "every kind weighs 0")):
+        with pytest.raises(ValueError, match=f"answer_weights: .*{field}" if "=" not in field else field):
+            check_answer_weights(bad)
+    with pytest.raises(ValueError, match="answer_weights: unknown kind"):
+        train_small(TASK, tmp_path, answer_weights={"decimal5": 0.0}, progress=False)
+    # Recorded among the options (a model trained with other weights is trained again, not reused).
+    common = dict(size="toy", demos=1, batch_size=4, max_steps=2, visual_trace=True, trace_points=3, eval_episodes=0,
+                  progress=False)
+    first = train_small(TASK, tmp_path / "run", answer_weights={"sign": 3, "decimal4": 0.1}, **common)
+    assert first["options"]["answer_weights"] == first["training"]["answer_weights"] == {"sign": 3.0, "decimal4": 0.1}
+    again = train_small(TASK, tmp_path / "run", answer_weights={"sign": 3, "decimal4": 0.1}, **common)
+    assert again["stages"]["training"].get("reused")
+    other = train_small(TASK, tmp_path / "run", answer_weights={"sign": 2}, **common)
+    assert not other["stages"]["training"].get("reused") and other["training"]["answer_weights"] == {"sign": 2.0}
+    parser = llarva_parser("train-small")
+    parsed = parser.parse_args(["--task", TASK, "--out", str(tmp_path), "--answer-weights", "sign=3, decimal4=0.1"])
+    assert parsed.answer_weights == {"sign": 3.0, "decimal4": 0.1}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--task", TASK, "--out", str(tmp_path), "--answer-weights", "sign:3"])
+
+
 def test_one_variation_must_be_one_of_the_tasks(tmp_path):
     with pytest.raises(ValueError, match="variation: expected None"):
         train_small(TASK, tmp_path, variation=99, eval_episodes=0, progress=False)
@@ -932,14 +1005,6 @@ def test_answer_token_loss_splits_the_training_loss_by_what_each_token_writes(tm
     train_small(TASK, tmp_path / "run", size="toy", demos=1, batch_size=4, max_steps=2, visual_trace=True,
                 trace_points=3, eval_episodes=0, progress=False)
     script = load_script("benchmarks/answer_token_loss.py")
-    answer = codec.format_answer([0.1234, -0.05, 1.5, -0.0, 0.0001, -2.25, 0.3, 1.0], np.array([[64, 30], [70, 41]]))
-    kinds = script.character_kinds(answer)
-    assert "".join(c for c, k in zip(answer, kinds) if k == "trace_digit") == "64307041"
-    assert [c for c, k in zip(answer, kinds) if k == "sign"] == ["-"] * 3
-    assert sum(k == "integer_digit" for k in kinds) == 7 and sum(k == "decimal1" for k in kinds) == 7
-    assert "".join(c for c, k in zip(answer, kinds) if k == "decimal4") == "41"     # 0.1234 and 0.0001
-    assert "".join(c for c, k in zip(answer, kinds) if k == "gripper") == "1.0"
-
     loaded = load_llava(tmp_path / "run" / MODEL_DIR, device="cpu", dtype=torch.float32)
     demo = load_demo(episode_dirs(tmp_path / "run" / "data", TASK)[0])
     entry = episode_annotations(demo, "", visual_trace=True, trace_points=3)[6]
@@ -953,6 +1018,11 @@ def test_answer_token_loss_splits_the_training_loss_by_what_each_token_writes(tm
     assert np.mean([loss for _, loss in losses]) == pytest.approx(float(reported), rel=1e-4)
     counted = {kind: sum(k == kind for k, _ in losses) for kind in script.KINDS}
     assert counted["integer_digit"] == counted["decimal1"] == 7 and counted["trace_digit"] >= 6
+    # The training set's kinds (read from the tokenizer's offsets before the image is expanded) are
+    # the benchmark's (read from the processor's, after): train-small weighs what this measures.
+    (_, labels, _, kind), = encode_conversations([entry], loaded.processor.tokenizer,
+                                                 num_image_tokens=loaded.model.config.image_seq_length)
+    assert [codec.ANSWER_KINDS[code] for code in kind[:-1][labels[1:] != IGNORE_INDEX]] == [k for k, _ in losses]
 
     result = script.main(["--task", TASK, "--checkpoint", str(tmp_path / "run" / MODEL_DIR), "--sets",
                           f"demos={tmp_path / 'run' / 'data'}", "--every", "1", "--out", str(tmp_path / "tl.json")])
