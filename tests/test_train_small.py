@@ -102,6 +102,16 @@ def toy_data(entries, data_root, tokenizer, model, goal_points="last"):
                               pad_token_id=tokenizer.pad_token_id, goal_points=goal_points)
 
 
+def toy_trace_data(root, goal_points):
+    """The first 8 samples of one demo annotated with a 3-point trace, a toy model, their training set."""
+    record_demos(TASK, 1, root / "data", seed=0, progress=False)
+    annotate(root / "data", root / "annotations.json", TASK, seed=0, visual_trace=True, trace_points=3,
+             progress=False)
+    entries = load_annotations(root / "annotations.json", root / "data")[:8]
+    tokenizer, model, processor = toy_model(entries)
+    return entries, tokenizer, model, processor, toy_data(entries, root / "data", tokenizer, model, goal_points)
+
+
 def test_samples_are_tokenized_as_finetune_tokenizes_them(annotated):
     data_root, entries = annotated
     tokenizer, model, processor = toy_model(entries)
@@ -755,12 +765,7 @@ def test_goal_tokens_are_the_trace_points_asked_for_and_weight_the_loss(tmp_path
         goal_span(answer, "first")
 
     root = tmp_path
-    record_demos(TASK, 1, root / "data", seed=0, progress=False)
-    annotate(root / "data", root / "annotations.json", TASK, seed=0, visual_trace=True, trace_points=3,
-             progress=False)
-    entries = load_annotations(root / "annotations.json", root / "data")[:8]
-    tokenizer, model, _ = toy_model(entries)
-    data = toy_data(entries, root / "data", tokenizer, model, goal_points)
+    entries, tokenizer, model, _, data = toy_trace_data(root, goal_points)
     for row, entry in enumerate(entries):
         answer = conversation_turns(entry)[1]
         start, end = goal_span(answer, goal_points)
@@ -785,13 +790,7 @@ def test_answer_weights_weigh_the_tokens_by_what_they_write(tmp_path):
     """Every labelled answer token has the kind it writes (seven integer digits and seven first
     decimals per action, a sign for each negative velocity); `answer_weights` turns the mean over
     tokens into the mean weighted by kind (and times the goal's weight), the logged mean unchanged."""
-    root = tmp_path
-    record_demos(TASK, 1, root / "data", seed=0, progress=False)
-    annotate(root / "data", root / "annotations.json", TASK, seed=0, visual_trace=True, trace_points=3,
-             progress=False)
-    entries = load_annotations(root / "annotations.json", root / "data")[:8]
-    tokenizer, model, processor = toy_model(entries)
-    data = toy_data(entries, root / "data", tokenizer, model, "future")
+    entries, tokenizer, model, processor, data = toy_trace_data(tmp_path, "future")
     code = {name: i for i, name in enumerate(codec.ANSWER_KINDS)}
     for row, entry in enumerate(entries):
         action = codec.parse_answer(conversation_turns(entry)[1], expect_trace=True).action
