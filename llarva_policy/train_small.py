@@ -295,7 +295,7 @@ class TrainingSet:
     lengths: torch.Tensor     # (S,) tokens of each sample, image tokens included
     images: torch.Tensor      # (S, 3, H, W) uint8
     goal: torch.Tensor        # (S, L) bool: the answer tokens of the visual trace's goal (`goal_span`)
-    kind: torch.Tensor        # (S, L) uint8: what each answer token writes, an index into codec.ANSWER_KINDS
+    kind: torch.Tensor        # (S, L) uint8: what each answer token writes, an index into codec.ANSWER_KINDS (0s unless asked)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -334,13 +334,15 @@ def goal_span(answer: str, goal_points: str = "last") -> tuple[int, int] | None:
 
 
 def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_token: str = codec.IMAGE_TOKEN,
-                         template=codec.TRAINING, goal_points: str = "last",
+                         template=codec.TRAINING, goal_points: str = "last", kinds: bool = True,
                          chunk: int = 2048) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """(input_ids, labels, goal, kind) of every annotation entry; ids and labels as
     `finetune.tokenize_conversation` makes them, goal the answer tokens of `goal_span` (bool), kind
     what each answer token writes (`codec.answer_character_kinds`; a token spanning several kinds,
     as ", -" does, takes the first that is not "other"), as an index into `codec.ANSWER_KINDS`.
     Both are aligned with the labels' shift: position i holds the goal and kind of token i + 1.
+    `kinds=False`: all kinds 0 ("other"), skipping their lookup (reading the answer tokens' offsets
+    added about a sixth to tokenizing a large set).
 
     The conversation text is tokenized with its one `<image>`, which then becomes
     `num_image_tokens` copies (the processor writes them into the text; `<image>` is an added
@@ -363,7 +365,7 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
             question, answer = conversation_turns(entry)
             texts.append(codec.build_conversation_text(question, answer, template=template))
             answer_starts.append(codec.answer_span(question, answer, template=template)[0])
-            answer_kinds.append(_character_kind_codes(answer, template))
+            answer_kinds.append(_character_kind_codes(answer, template) if kinds else None)
             goal = goal_span(answer, goal_points)
             goals.append((-1, -1) if goal is None else (answer_starts[-1] + goal[0], answer_starts[-1] + goal[1]))
         for index, encoding in enumerate(backend.encode_batch(texts)):
@@ -381,7 +383,8 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
             if end > start:
                 first, last = _first_token_ending_after(encoding, start), _first_token_ending_after(encoding, end - 1)
                 goal[max(first - 1, 0):last] = True
-            kind = _token_kinds(encoding, answer_starts[index], answer_kinds[index], labels)
+            kind = (_token_kinds(encoding, answer_starts[index], answer_kinds[index], labels) if kinds
+                    else np.zeros(len(ids), dtype=np.uint8))
             k = where[0]
             ids = np.concatenate([ids[:k], np.full(num_image_tokens, image_id), ids[k + 1:]])
             labels = np.concatenate([labels[:k], np.full(num_image_tokens, IGNORE_INDEX), labels[k + 1:]])
@@ -466,13 +469,14 @@ def load_images(paths, *, processes: int | None = None) -> np.ndarray:
 
 
 def build_training_set(entries, images_root, tokenizer, *, num_image_tokens: int, template=codec.TRAINING,
-                       pad_token_id: int, goal_points: str = "last", timings: dict | None = None) -> TrainingSet:
-    """All `entries` tokenized and padded, with their images; `timings`, if given, receives the
-    seconds each part took ("tokenize", "pad", "images", "pack")."""
+                       pad_token_id: int, goal_points: str = "last", kinds: bool = True,
+                       timings: dict | None = None) -> TrainingSet:
+    """All `entries` tokenized and padded, with their images (`kinds`: see `encode_conversations`);
+    `timings`, if given, receives the seconds each part took ("tokenize", "pad", "images", "pack")."""
     timings = {} if timings is None else timings
     clock = time.perf_counter()
     encoded = encode_conversations(entries, tokenizer, num_image_tokens=num_image_tokens, template=template,
-                                   goal_points=goal_points)
+                                   goal_points=goal_points, kinds=kinds)
     timings["tokenize"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
     lengths = [len(ids) for ids, *_ in encoded]
@@ -896,13 +900,13 @@ def check_answer_weights(answer_weights) -> dict[str, float] | None:
 
 
 def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root, tokenizer,
-                         num_image_tokens: int, goal_points: str, timings: dict) -> TrainingSet:
+                         num_image_tokens: int, goal_points: str, kinds: bool, timings: dict) -> TrainingSet:
     """`build_training_set`, stored in `cache` and reused while the annotations file, the
-    tokenizer and `goal_points` are the same (a resumed run on the same machine skips a minute
+    tokenizer, `goal_points` and `kinds` are the same (a resumed run on the same machine skips a minute
     of tokenizing). `timings` receives the seconds of each part."""
     clock = time.perf_counter()
     digest = hashlib.sha256(annotations_path.read_bytes())
-    digest.update(json.dumps([num_image_tokens, goal_points, sorted(tokenizer.get_vocab().items()),
+    digest.update(json.dumps([num_image_tokens, goal_points, kinds, sorted(tokenizer.get_vocab().items()),
                               list(TrainingSet.__dataclass_fields__)]).encode())
     key = digest.hexdigest()
     if cache.is_file():
@@ -914,7 +918,8 @@ def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root
         except Exception:    # a cache that cannot be read is rebuilt, not an error
             pass
     data = build_training_set(entries, data_root, tokenizer, num_image_tokens=num_image_tokens,
-                              pad_token_id=tokenizer.pad_token_id, goal_points=goal_points, timings=timings)
+                              pad_token_id=tokenizer.pad_token_id, goal_points=goal_points, kinds=kinds,
+                              timings=timings)
     clock = time.perf_counter()
     _atomic_torch_save({"key": key, **{name: getattr(data, name) for name in TrainingSet.__dataclass_fields__}},
                        cache)
@@ -1272,7 +1277,7 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         num_image_tokens = model.config.image_seq_length
         timings["tokenizer_and_model"] = round(time.perf_counter() - clock, 2)
         data = _cached_training_set(out / DATA_CACHE_FILE, annotations_path, entries, data_root, tokenizer,
-                                    num_image_tokens, goal_points, timings)
+                                    num_image_tokens, goal_points, bool(answer_weights), timings)
         clock = time.perf_counter()
         normalize = ImageNormalizer(processor.image_processor, device)
         normalize.check(processor.image_processor, data.images[:4])

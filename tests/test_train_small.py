@@ -792,6 +792,9 @@ def test_answer_weights_weigh_the_tokens_by_what_they_write(tmp_path):
     tokens into the mean weighted by kind (and times the goal's weight), the logged mean unchanged."""
     entries, tokenizer, model, processor, data = toy_trace_data(tmp_path, "future")
     code = {name: i for i, name in enumerate(codec.ANSWER_KINDS)}
+    unread = build_training_set(entries, tmp_path / "data", tokenizer, num_image_tokens=model.config.image_seq_length,
+                                pad_token_id=tokenizer.pad_token_id, kinds=False)
+    assert not unread.kind.any() and (unread.input_ids == data.input_ids).all()     # kinds only when asked for
     for row, entry in enumerate(entries):
         action = codec.parse_answer(conversation_turns(entry)[1], expect_trace=True).action
         kind = data.kind[row]
@@ -1032,4 +1035,14 @@ def test_answer_token_loss_splits_the_training_loss_by_what_each_token_writes(tm
     shares = [(row["samples"], row["label_share_under_0.1"]) for row in bins if row["samples"]]
     assert sum(n * share for n, share in shares) / len(velocities) == pytest.approx((velocities < 0.1).mean(), abs=0.01)
     assert json.loads((tmp_path / "tl.json").read_text())["sets"]["demos"]["bins"] == bins
+
+    # benchmarks/trace_on_demo_states.py: the trace's end at every step but the last of each episode.
+    states = load_script("benchmarks/trace_on_demo_states.py")
+    report = states.main(["--task", TASK, "--checkpoint", str(tmp_path / "run" / MODEL_DIR), "--sets",
+                          f"scenes={tmp_path / 'run' / 'data'}", "--out", str(tmp_path / "ts.json")])
+    rows = report["sets"]["scenes"]["bins"]
+    assert report["trace_points"] == 3 and sum(row["samples"] for row in rows) == len(demo) - 1
+    assert all(row["median_end_error_px"] >= 0 and 0 <= row["share_within_1_px"] <= 1 for row in rows if row["samples"])
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        states.main(["--checkpoint", str(tmp_path / "run" / MODEL_DIR), "--sets", f"x={tmp_path / 'nowhere'}"])
 
