@@ -19,7 +19,6 @@ them; beside it, how small the labels' joint velocities are there. The mean is u
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from llarva_policy.finetune import IGNORE_INDEX, tokenize_conversation
 from llarva_policy.model import load_llava
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from takeover_coverage import BINS, GOALS, bin_index, parse_sets  # noqa: E402
+from takeover_coverage import BINS, GOALS, bin_index, checkpoint_on_sets_parser, parse_sets  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The kinds in the order the table shows them ("other" last); what they are: codec.answer_character_kinds.
@@ -106,21 +105,12 @@ def set_losses(model, processor, root, task: str, episodes: int, every: int, tra
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="reach_target", choices=sorted(GOALS))
-    parser.add_argument("--checkpoint", required=True, help="a train-small model folder that answers with a trace")
-    parser.add_argument("--sets", nargs="+", required=True, metavar="NAME=FOLDER")
-    parser.add_argument("--episodes", type=int, default=40, help="the first episodes of each set")
+    parser = checkpoint_on_sets_parser(__doc__.split("\n")[0], episodes=40)
     parser.add_argument("--every", type=int, default=2, help="every n-th step of each episode")
     parser.add_argument("--trace-points", type=int, default=3, help="as the checkpoint was trained (train_small.sh: 3)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    sets = parse_sets(args.sets)
-    for name, root in sets.items():
-        if not root.is_dir():
-            raise FileNotFoundError(f"--sets: {name}={root}: no such folder")
+    sets = parse_sets(args.sets)     # every folder checked
     loaded = load_llava(args.checkpoint, device=args.device, dtype=torch.float32)
     loaded.model.eval()
     record = {"task": args.task, "checkpoint": str(args.checkpoint), "episodes": args.episodes, "every": args.every,

@@ -114,6 +114,19 @@ def probe_shares(path) -> dict:
             "step_share": [round(steps.get(tuple(b), 0) / max(1, total), 3) for b in BINS]}
 
 
+def checkpoint_on_sets_parser(description: str, episodes: int) -> argparse.ArgumentParser:
+    """The options of a benchmark that asks a train-small checkpoint on demo folders: --task, --checkpoint,
+    --sets NAME=FOLDER ..., --episodes (the first of each set), --device, --out."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--task", default="reach_target", choices=sorted(GOALS))
+    parser.add_argument("--checkpoint", required=True, help="a train-small model folder that answers with a trace")
+    parser.add_argument("--sets", nargs="+", required=True, metavar="NAME=FOLDER")
+    parser.add_argument("--episodes", type=int, default=episodes, help="the first episodes of each set")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None)
+    return parser
+
+
 def parse_sets(items: list[str]) -> dict[str, Path]:
     sets = {}
     for item in items:
@@ -121,6 +134,8 @@ def parse_sets(items: list[str]) -> dict[str, Path]:
         if not sep or not name or not path:
             raise SystemExit(f"--sets: expected NAME=FOLDER, got {item!r}")
         sets[name] = Path(path)
+        if not sets[name].is_dir():
+            raise FileNotFoundError(f"--sets: {name}={path}: no such folder")
     return sets
 
 

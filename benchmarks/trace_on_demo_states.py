@@ -16,7 +16,6 @@ benchmarks/results/trace_on_demo_states_<task>.json).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from llarva_policy.annotations import end_effector_trace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from first_step_trace import trace_points_of  # noqa: E402
-from takeover_coverage import BINS, GOALS, bin_index, parse_sets  # noqa: E402
+from takeover_coverage import BINS, GOALS, bin_index, checkpoint_on_sets_parser, parse_sets  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -61,20 +60,11 @@ def set_errors(policy, root: Path, task: str, episodes: int, points: int) -> dic
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="reach_target", choices=sorted(GOALS))
-    parser.add_argument("--checkpoint", required=True, help="a train-small model folder that answers with a trace")
-    parser.add_argument("--sets", nargs="+", required=True, metavar="NAME=FOLDER")
-    parser.add_argument("--episodes", type=int, default=8, help="the first episodes of each set")
+    parser = checkpoint_on_sets_parser(__doc__.split("\n")[0], episodes=8)
     parser.add_argument("--trace-points", type=int, default=3, help="used when the checkpoint does not record it")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
-    sets = parse_sets(args.sets)
-    for name, root in sets.items():
-        if not root.is_dir():
-            raise FileNotFoundError(f"--sets: {name}={root}: no such folder")
+    sets = parse_sets(args.sets)     # every folder checked
     checkpoint = Path(args.checkpoint)
     points = trace_points_of(checkpoint, args.trace_points)
     policy = LlarvaPolicy.from_pretrained(checkpoint, device=args.device, with_visual_trace=True, constrained=True)
