@@ -1036,13 +1036,19 @@ def test_answer_token_loss_splits_the_training_loss_by_what_each_token_writes(tm
     assert sum(n * share for n, share in shares) / len(velocities) == pytest.approx((velocities < 0.1).mean(), abs=0.01)
     assert json.loads((tmp_path / "tl.json").read_text())["sets"]["demos"]["bins"] == bins
 
-    # benchmarks/trace_on_demo_states.py: the trace's end at every step but the last of each episode.
+    # benchmarks/trace_on_demo_states.py: every other annotated step, its trace's end and both actions.
     states = load_script("benchmarks/trace_on_demo_states.py")
+    assert states.trace_prefix(answer) == answer[:answer.index("step: [") + len("step: [")]
+    assert states.against_label(np.r_[np.full(7, 0.2), 1.0], np.r_[np.full(7, 0.1), 0.0]) == pytest.approx((2.0, 1.0))
     report = states.main(["--task", TASK, "--checkpoint", str(tmp_path / "run" / MODEL_DIR), "--sets",
                           f"scenes={tmp_path / 'run' / 'data'}", "--out", str(tmp_path / "ts.json")])
     rows = report["sets"]["scenes"]["bins"]
-    assert report["trace_points"] == 3 and sum(row["samples"] for row in rows) == len(demo) - 1
-    assert all(row["median_end_error_px"] >= 0 and 0 <= row["share_within_1_px"] <= 1 for row in rows if row["samples"])
+    assert report["trace_points"] == 3 and sum(row["samples"] for row in rows) == (len(demo) - 1 + 1) // 2
+    for row in (row for row in rows if row["samples"]):
+        assert row["median_end_error_px"] >= 0 and 0 <= row["share_within_1_px"] <= 1
+        assert -1 <= row["action_after_own_trace"]["median_cosine"] <= 1
+        assert 0 <= row["unparsed_after_true_trace"] <= row["samples"]
+        assert (row["action_after_true_trace"] is None) == (row["unparsed_after_true_trace"] == row["samples"])
     with pytest.raises(FileNotFoundError, match="no such folder"):
         states.main(["--checkpoint", str(tmp_path / "run" / MODEL_DIR), "--sets", f"x={tmp_path / 'nowhere'}"])
 
