@@ -106,8 +106,6 @@ def set_losses(model, processor, root, task: str, episodes: int, every: int, tra
 
 def main(argv=None) -> dict:
     parser = checkpoint_on_sets_parser(__doc__.split("\n")[0], episodes=40)
-    parser.add_argument("--every", type=int, default=2, help="every n-th step of each episode")
-    parser.add_argument("--trace-points", type=int, default=3, help="as the checkpoint was trained (train_small.sh: 3)")
     args = parser.parse_args(argv)
 
     sets = parse_sets(args.sets)     # every folder checked

@@ -116,12 +116,15 @@ def probe_shares(path) -> dict:
 
 def checkpoint_on_sets_parser(description: str, episodes: int) -> argparse.ArgumentParser:
     """The options of a benchmark that asks a train-small checkpoint on demo folders: --task, --checkpoint,
-    --sets NAME=FOLDER ..., --episodes (the first of each set), --device, --out."""
+    --sets NAME=FOLDER ..., --episodes (the first of each set), --every, --trace-points, --device, --out."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--task", default="reach_target", choices=sorted(GOALS))
     parser.add_argument("--checkpoint", required=True, help="a train-small model folder that answers with a trace")
     parser.add_argument("--sets", nargs="+", required=True, metavar="NAME=FOLDER")
     parser.add_argument("--episodes", type=int, default=episodes, help="the first episodes of each set")
+    parser.add_argument("--every", type=int, default=2, help="every n-th step of each episode")
+    parser.add_argument("--trace-points", type=int, default=3,
+                        help="as the checkpoint was trained, where its record does not say (train_small.sh: 3)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     return parser

@@ -115,8 +115,6 @@ def set_measures(loaded, root: Path, task: str, episodes: int, every: int, point
 
 def main(argv=None) -> dict:
     parser = checkpoint_on_sets_parser(__doc__.split("\n")[0], episodes=12)
-    parser.add_argument("--every", type=int, default=2, help="every n-th step of each episode")
-    parser.add_argument("--trace-points", type=int, default=3, help="used when the checkpoint does not record it")
     args = parser.parse_args(argv)
 
     sets = parse_sets(args.sets)     # every folder checked
