@@ -42,8 +42,15 @@ BATCH = 16
 
 
 def trace_prefix(answer: str) -> str:
-    """The answer up to its action's numbers: the trace and `The next action step: [`."""
-    return answer[:answer.index(codec.ANSWER_PREFIX) + len(codec.ANSWER_PREFIX)]
+    """The answer up to `The next action step:`, the trace included. Not further: the tokenizer writes
+    " [-" as one token, so a prefix ending in " [" would keep the first velocity from being negative."""
+    return answer[:answer.index(codec.ANSWER_PREFIX) + len(codec.TRAINING.action_prefix.rstrip())]
+
+
+def continued(prefix: str, generated: str) -> str:
+    """The answer a forced `prefix` and the text generated after it make (the decoder drops the space
+    the first generated token carries)."""
+    return f"{prefix} {generated.strip()}"
 
 
 def against_label(action: np.ndarray, label: np.ndarray) -> tuple[float, float]:
@@ -90,7 +97,7 @@ def set_measures(loaded, root: Path, task: str, episodes: int, every: int, point
             found[b]["trace_px"].append(float(np.linalg.norm(label.trace[-1] - own.trace[-1])))
             found[b]["own"].append(against_label(own.action, label.action))
             try:
-                found[b]["true"].append(against_label(codec.parse_answer(prefix + rest.strip(), expect_trace=True).action,
+                found[b]["true"].append(against_label(codec.parse_answer(continued(prefix, rest), expect_trace=True).action,
                                                       label.action))
             except codec.AnswerParseError:      # unconstrained after the forced trace: counted, not guessed
                 found[b]["unparsed"] += 1

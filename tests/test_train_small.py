@@ -1038,7 +1038,9 @@ def test_answer_token_loss_splits_the_training_loss_by_what_each_token_writes(tm
 
     # benchmarks/trace_on_demo_states.py: every other annotated step, its trace's end and both actions.
     states = load_script("benchmarks/trace_on_demo_states.py")
-    assert states.trace_prefix(answer) == answer[:answer.index("step: [") + len("step: [")]
+    prefix = states.trace_prefix(answer)
+    assert prefix == answer[:answer.index("step: [") + len("step:")]
+    assert states.continued(prefix, answer[len(prefix):]) == answer == states.continued(prefix, answer[len(prefix) + 1:])
     assert states.against_label(np.r_[np.full(7, 0.2), 1.0], np.r_[np.full(7, 0.1), 0.0]) == pytest.approx((2.0, 1.0))
     report = states.main(["--task", TASK, "--checkpoint", str(tmp_path / "run" / MODEL_DIR), "--sets",
                           f"scenes={tmp_path / 'run' / 'data'}", "--out", str(tmp_path / "ts.json")])
