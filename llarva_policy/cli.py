@@ -202,6 +202,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
                        help="the next DAgger round after the one that trained MODEL: its takeover sets replayed "
                             "from the driven steps the folder carries, MODEL driving a new one, the training "
                             "starting from MODEL's weights (sets --driver and --finetune-from)")
+        p.add_argument("--dagger-rounds", type=int, default=0, metavar="N",
+                       help="after the training, DAgger rounds up to round N, each driven by and going on from "
+                            "the one before (--takeover-demos each), as one run that a rerun continues; with "
+                            "--dagger-from MODEL, the rounds after MODEL's (train_small.train_dagger_rounds)")
+        p.add_argument("--dagger-seconds", type=float, default=210.0, help="training seconds of each DAgger round")
+        p.add_argument("--dagger-lr", type=float, default=3e-4, help="peak learning rate of each DAgger round")
         p.add_argument("--compile", action="store_true", help="torch.compile the model (faster on a GPU)")
         p.add_argument("--no-deterministic", dest="deterministic", action="store_false",
                        help="without PyTorch's deterministic kernels (faster on a GPU; runs agree less closely)")
@@ -241,14 +247,19 @@ def _run(command: str, args: argparse.Namespace) -> None:
         from llarva_policy.finetune import merge_lora
         merge_lora(args.adapter, args.output)
     elif command == "train-small":
-        from llarva_policy.train_small import next_dagger_drivers, train_small
+        from llarva_policy.train_small import next_dagger_drivers, train_dagger_rounds, train_small
         options = vars(args)
         dagger_from = options.pop("dagger_from")
-        if dagger_from is not None:
-            if options["driver"] or options["finetune_from"]:
-                raise ValueError("dagger_from: sets --driver and --finetune-from itself; give neither with it")
-            options.update(driver=next_dagger_drivers(dagger_from), finetune_from=dagger_from)
-        train_small(**options)
+        rounds, round_seconds, round_lr = (options.pop(k) for k in ("dagger_rounds", "dagger_seconds", "dagger_lr"))
+        if rounds:
+            train_dagger_rounds(rounds=rounds, round_seconds=round_seconds, round_lr=round_lr, dagger_from=dagger_from,
+                                **options)
+        else:
+            if dagger_from is not None:
+                if options["driver"] or options["finetune_from"]:
+                    raise ValueError("dagger_from: sets --driver and --finetune-from itself; give neither with it")
+                options.update(driver=next_dagger_drivers(dagger_from), finetune_from=dagger_from)
+            train_small(**options)
     else:
         from llarva_gym.evaluation import evaluate, print_summary
         if args.policy == "expert":

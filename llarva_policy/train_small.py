@@ -52,6 +52,7 @@ import copy
 import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import multiprocessing
@@ -125,7 +126,7 @@ SHAPES = {
         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
     ),
 }
-TOKENIZER_CORPUS = 4000    # conversations the tokenizer learns from (the file is shuffled: a fair sample)
+TOKENIZER_CORPUS = 4000    # demo conversations the tokenizer learns from (the file is shuffled: a fair sample)
 SUMMARY_FILE = "summary.json"
 MODEL_DIR = "model"
 TRAINING_FILE = "llarva_train_small.json"   # in the model folder: how it was trained, and whether it finished
@@ -213,11 +214,11 @@ def save_checkpoint(model, processor, folder: Path, info: dict, extra_files: dic
     return folder
 
 
-def _training_info(folder: Path) -> dict:
-    """The llarva_train_small.json of a train-small model folder, or an error saying what was expected."""
+def _training_info(folder: Path, field: str = "init_from") -> dict:
+    """The llarva_train_small.json of a train-small model folder, or an error naming `field`."""
     info_path = Path(folder) / TRAINING_FILE
     if not info_path.is_file():
-        raise FileNotFoundError(f"init_from: {folder} has no {TRAINING_FILE}; expected a train-small model folder "
+        raise FileNotFoundError(f"{field}: {folder} has no {TRAINING_FILE}; expected a train-small model folder "
                                 f"(the unpacked train_small_<task>_model.tar)")
     return json.loads(info_path.read_text())
 
@@ -257,7 +258,7 @@ def finetune_base_id(folder, task: str, size: str) -> dict:
     """What identifies a `finetune_from` folder among a run's options: its name and a hash of its
     weights (not its path, which differs from machine to machine); an error unless it is a finished
     train-small model of `task` and `size`."""
-    info = _training_info(folder)
+    info = _training_info(folder, "finetune_from")
     saved = info.get("options", {})
     if not info.get("finished"):
         raise ValueError(f"finetune_from: {folder} has not finished its training; continue it with init_from")
@@ -1271,7 +1272,10 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     else:
         # Seconds of each part of this stage, in the summary: it is a quarter of a device call.
         timings, clock = {}, time.perf_counter()
-        texts = [codec.build_conversation_text(*conversation_turns(e)) for e in entries[:TOKENIZER_CORPUS]]
+        # From the demos' conversations alone: every DAgger round after this one builds the same tokenizer,
+        # which going on from this model's weights needs (the takeover sets come after the demos').
+        corpus = [entry for entry in entries if not is_takeover_sample(entry)][:TOKENIZER_CORPUS]
+        texts = [codec.build_conversation_text(*conversation_turns(e)) for e in corpus]
         tokenizer = build_tokenizer(corpus_texts=texts)
         model, processor = build_model(tokenizer, size, seed)
         num_image_tokens = model.config.image_seq_length
@@ -1391,6 +1395,137 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
     if progress:
         print(format_summary(summary))
     return summary
+
+
+
+ROUNDS_DIR = "rounds"          # in `out`: each finished round of a DAgger chain, round<k>/
+ROUNDS_FILE = "rounds.json"    # in `out`/rounds: the chain's options and what each round did
+# Arguments that say where and how fast a chain runs, not what it trains: a rerun may change them.
+_CHAIN_RUN_ONLY = ("processes", "progress", "device", "export", "run_seconds", "eval_reserve_seconds",
+                   "checkpoint_seconds", "eval_episodes", "eval_num_envs", "eval_seed", "eval_episode_length",
+                   "expert_baseline", "isolate_evaluation", "takeover_num_envs")
+
+
+def dagger_round(model) -> int:
+    """The DAgger round a train-small model folder is: the number of takeover sets it was trained
+    on (0: demos alone). The shipped reach_target model is round 6."""
+    drivers = _training_info(model, "dagger_from").get("options", {}).get("driver") or []
+    return 1 if isinstance(drivers, str) else len(drivers)
+
+
+def train_dagger_rounds(task: str, out, *, rounds: int, round_seconds: float = 210.0, round_lr: float = 3e-4,
+                        dagger_from=None, run_seconds: float | None = None, export=None, eval_episodes: int = 25,
+                        isolate_rounds: bool | None = None, progress: bool = True, **options) -> dict:
+    """A training and the DAgger rounds after it, up to round `rounds`, as one run a rerun continues.
+
+    Round 0 is `train_small(task, out, **options)` from random weights. Round k (1..`rounds`) is
+    the round after round k-1, as `llarva train-small --dagger-from` runs it: round k-1 drives
+    `takeover_demos` more episodes (demo seed `demo_seed` + k), every earlier round's set is
+    replayed in its place, and the training goes on from round k-1's weights for `round_seconds`
+    at `round_lr` (`train_seconds`, `lr` and `max_steps` in `options` are round 0's). The shipped
+    reach_target model is round 6 of such a chain (examples/train_small.md, rounds 18-25).
+
+    Each finished round is copied to `<out>/rounds/round<k>` (with its sets' driven steps) and
+    recorded in `<out>/rounds/rounds.json`. A rerun into the same `out` with the same options
+    starts after the last round kept (a larger `rounds` extends the chain); `dagger_from`, a
+    finished round's folder (`rounds/round<k>` carried to a fresh machine), starts after that
+    round instead. `run_seconds` is the budget of this call, shared by its rounds: a round it cuts
+    short is continued by the rerun, as `train_small` continues a training. Only the last round is
+    evaluated. `export` receives `train_small`'s files and, as each round is kept, that round as
+    `train_small_<task>_round<k>_model.tar` (the one before is then removed from `export`, not
+    from `out`: a device call returns at most 8 files). Returns the last round's summary with
+    `rounds`, the record of every round kept. `isolate_rounds`: run each round in a fresh process
+    (default: on CUDA).
+    """
+    from llarva_gym.registration import resolve_task
+
+    started = time.perf_counter()
+    task = resolve_task(task)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds: expected an int >= 1 (the DAgger rounds after the first training), got {rounds!r}")
+    for name, value in (("round_seconds", round_seconds), ("round_lr", round_lr)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+    for name in ("driver", "finetune_from", "init_from"):
+        if options.get(name) is not None:
+            raise ValueError(f"{name}: the rounds of a chain set their drivers and weights themselves; to start "
+                             f"after a finished round, give it as dagger_from")
+    if "train_seconds" in options and options["train_seconds"] is None:
+        raise ValueError("train_seconds: expected round 0's seconds; None (train for what the call leaves) would "
+                         "leave nothing for the rounds after it")
+    takeover = {name: options.pop(name) for name in ("takeover_demos", "takeover_weight") if name in options}
+    if isinstance(takeover.get("takeover_demos"), bool) or not (isinstance(takeover.get("takeover_demos"), int)
+                                                               and takeover["takeover_demos"] >= 1):
+        raise ValueError(f"takeover_demos: expected an int >= 1, the episodes each round's model drives, got "
+                         f"{takeover.get('takeover_demos')!r}")
+    out = Path(out).expanduser().resolve()
+    export = Path(export).expanduser().resolve() if export is not None else None
+    chain_dir, record_path = out / ROUNDS_DIR, out / ROUNDS_DIR / ROUNDS_FILE
+    # train_small's defaults filled in: the same chain asked from Python and from the CLI compares equal.
+    defaults = {name: parameter.default for name, parameter in inspect.signature(train_small).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    recipe = {**defaults, "task": task, "round_seconds": round_seconds, "round_lr": round_lr, **options, **takeover}
+    recipe = json.loads(json.dumps({k: v for k, v in recipe.items() if k not in _CHAIN_RUN_ONLY}, default=str))
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"options": recipe, "rounds": []}
+    if record["options"] != recipe:
+        differ = sorted(k for k in set(record["options"]) | set(recipe) if record["options"].get(k) != recipe.get(k))
+        raise ValueError(f"out: {out} holds the rounds of a chain with other options ({', '.join(differ)}); "
+                         f"give another out, or the same options")
+    done = {entry["round"]: entry for entry in record["rounds"]}
+    if max(done, default=0) > rounds:
+        raise ValueError(f"rounds: {out} holds round {max(done)} already; expected rounds >= {max(done)}")
+
+    # Where to start: after the last round kept here, or after dagger_from's round if that is later.
+    first = max(done) + 1 if done else 0
+    previous = chain_dir / f"round{first - 1}" if done else None
+    if dagger_from is not None:
+        start = dagger_round(dagger_from)
+        if start >= rounds:
+            raise ValueError(f"dagger_from: {dagger_from} is round {start}; rounds={rounds} asks for none after it")
+        if start + 1 > first:
+            first, previous = start + 1, Path(dagger_from).resolve()
+    if first > rounds:     # every round kept: rerun the last (its model is reused) to finish its evaluation
+        first, previous = rounds, done[rounds]["from"] and Path(done[rounds]["from"])
+
+    # A round records its takeover demos in forked workers that render with EGL, which a process that
+    # has started CUDA cannot do: on CUDA each round runs in a fresh process, as each ran by hand before.
+    if isolate_rounds is None:
+        isolate_rounds = resolve_device(options.get("device")).type == "cuda"
+    summary = {}
+    for k in range(first, rounds + 1):
+        call = dict(options)
+        if k > 0:
+            call.update(takeover, driver=next_dagger_drivers(previous), finetune_from=str(previous),
+                        train_seconds=round_seconds, lr=round_lr, max_steps=None)
+        left = None if run_seconds is None else run_seconds - (time.perf_counter() - started)
+        if left is not None and left <= 0:
+            break           # this call's budget is spent: the rerun starts this round
+        summary = _run(train_small, isolate_rounds, task=task, out=out, run_seconds=left, export=export,
+                       progress=progress, eval_episodes=eval_episodes if k == rounds else 0, **call)
+        if summary["training"]["stopped_by"] == "stop_seconds":
+            break           # paused by this call's budget: the rerun continues this round
+        kept = chain_dir / f"round{k}"
+        if k not in done:
+            temp = chain_dir / f".round{k}.tmp-{os.getpid()}"
+            shutil.rmtree(temp, ignore_errors=True)
+            shutil.copytree(out / MODEL_DIR, temp)
+            shutil.rmtree(kept, ignore_errors=True)     # a copy left unrecorded by an interrupted run
+            os.replace(temp, kept)
+            training = summary["training"]
+            done[k] = {"round": k, "from": str(previous) if previous else None, "folder": str(kept),
+                       "samples": training["samples"], "steps": training["steps"], "seconds": training["seconds"],
+                       "final_loss": training.get("final_loss")}
+            record["rounds"] = [done[j] for j in sorted(done)]
+            write_json_atomic(record_path, record)
+            if export is not None:
+                _tar_folder(kept, export / f"train_small_{task}_round{k}_model.tar")
+                (export / f"train_small_{task}_round{k - 1}_model.tar").unlink(missing_ok=True)
+        previous = kept
+    if progress:
+        for entry in record["rounds"]:
+            print(f"  round {entry['round']:<3} {entry['samples']} samples, {entry['steps']} steps in "
+                  f"{entry['seconds']} s, final loss {entry['final_loss']}: {entry['folder']}")
+    return {**summary, "rounds": record["rounds"]}
 
 
 class LazyPolicy:

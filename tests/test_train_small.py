@@ -437,17 +437,14 @@ def test_a_dagger_round_continued_on_a_fresh_machine_replays_its_takeover_instea
         train_small(TASK, tmp_path / "call3", takeover_weight=3, max_steps=2, **common)
 
 
-def test_dagger_from_runs_the_next_round_from_the_last_checkpoint_alone(tmp_path, monkeypatch):
+def test_dagger_from_runs_the_next_round_from_the_last_checkpoint_alone(tmp_path):
     """`--dagger-from MODEL`: MODEL's takeover sets come back from the driven steps it carries, in
     their places, MODEL drives one more, and the training starts from MODEL's weights; no earlier
-    model is needed. A folder without the driven steps of every set it was trained on is refused."""
+    model is needed (the tokenizer learns from the demos' conversations alone, so every round
+    builds MODEL's, with however few demos). A folder without the driven steps of every set it was
+    trained on is refused."""
     from llarva_gym.recording import DRIVEN_STARTS_FILE
-    from llarva_policy import train_small as train_small_module
     from llarva_policy.train_small import next_dagger_drivers
-
-    # The tokenizer learns from the first conversations, the demos' (takeover sets come after them),
-    # so every round builds the same one, as the 3,000-demo rounds do with the default 4,000.
-    monkeypatch.setattr(train_small_module, "TOKENIZER_CORPUS", 20)
 
     common = dict(size="toy", demos=2, batch_size=4, visual_trace=True, trace_points=3, eval_episodes=0,
                   progress=False)
@@ -483,6 +480,79 @@ def test_dagger_from_runs_the_next_round_from_the_last_checkpoint_alone(tmp_path
         next_dagger_drivers(model)
     with pytest.raises(FileNotFoundError, match="is not a train-small model folder"):
         next_dagger_drivers(tmp_path / "nothing")
+    assert not (tmp_path / "bad").exists()
+
+
+
+def test_dagger_rounds_run_the_chain_as_one_run_that_a_rerun_continues(tmp_path):
+    """`--dagger-rounds N`: a training from random weights, then rounds 1..N, each driven by and
+    going on from the one before, kept as <out>/rounds/round<k>. A call cut short by its budget is
+    continued by the same command, a larger N extends the chain, the same N changes nothing, and a
+    fresh out starts after a carried round. Other options into the same out are refused."""
+    from llarva_gym.recording import DRIVEN_STARTS_FILE
+    from llarva_policy.train_small import ROUNDS_DIR, TRAINING_FILE, dagger_round, train_dagger_rounds
+
+    common = dict(size="toy", demos=2, batch_size=4, visual_trace=True, trace_points=3, eval_episodes=0,
+                  progress=False, takeover_demos=2, takeover_steps=3, takeover_num_envs=2, takeover_weight=2)
+    # Round 0 trains 10.5 s: a sitting lasts at least 10 s (sitting_seconds), so a tiny budget pauses it.
+    chain = dict(round_seconds=1.0, round_lr=1e-4, train_seconds=10.5, **common)
+    out, export = tmp_path / "chain", tmp_path / "export"
+    export.mkdir()
+
+    def options(k, root=out):
+        return json.loads((root / ROUNDS_DIR / f"round{k}" / TRAINING_FILE).read_text())["options"]
+
+    # A budget spent before round 0's training ends: paused, nothing kept; the rerun goes on.
+    paused = train_dagger_rounds(TASK, out, rounds=2, run_seconds=1.0, export=export, **chain)
+    assert paused["training"]["stopped_by"] == "stop_seconds" and paused["rounds"] == []
+    summary = train_dagger_rounds(TASK, out, rounds=2, export=export, **chain)
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert summary["training"]["sittings"] == 1 and summary["options"]["lr"] == 1e-4
+    assert [dagger_round(out / ROUNDS_DIR / f"round{k}") for k in range(3)] == [0, 1, 2]
+    assert "driver" not in options(0) and options(0)["lr"] == 1e-3 and options(0)["train_seconds"] == 10.5
+    round0 = json.loads((out / ROUNDS_DIR / "round0" / TRAINING_FILE).read_text())["training"]
+    assert round0["sittings"] == 2 and round0["stopped_by"] == "time"     # the paused call's training, continued
+    round1 = str(out / ROUNDS_DIR / "round1")
+    assert options(2)["driver"] == [f"{round1}/takeover_{DRIVEN_STARTS_FILE}", round1]
+    assert options(2)["finetune_from"]["name"] == "round1" and options(2)["takeover_weight"] == 2
+    assert (options(2)["train_seconds"], options(2)["lr"]) == (1.0, 1e-4)
+    assert summary["stages"]["takeover1"]["driver"] == round1            # round 1 drove round 2's new set
+    assert sorted(f.name for f in export.glob("*_model.tar")) == [f"train_small_{TASK}_model.tar",
+                                                                   f"train_small_{TASK}_round2_model.tar"]
+
+    # The same command again: every round kept, the last one's model reused, nothing trained.
+    weights = (out / ROUNDS_DIR / "round2" / "model.safetensors").read_bytes()
+    again = train_dagger_rounds(TASK, out, rounds=2, export=export, **chain)
+    assert again["rounds"] == summary["rounds"] and "reused" in again["stages"]["training"]
+    # A larger N from the CLI extends it: round 3 goes on from round 2.
+    llarva_main(["train-small", "--task", TASK, "--out", str(out), "--size", "toy", "--demos", "2", "--batch-size", "4",
+                 "--visual-trace", "--trace-points", "3", "--eval-episodes", "0", "--train-seconds", "10.5",
+                 "--takeover-demos", "2", "--takeover-steps", "3", "--takeover-num-envs", "2", "--takeover-weight", "2",
+                 "--dagger-rounds", "3", "--dagger-seconds", "1", "--dagger-lr", "1e-4"])
+    assert dagger_round(out / ROUNDS_DIR / "round3") == 3 and options(3)["finetune_from"]["name"] == "round2"
+    assert (out / ROUNDS_DIR / "round2" / "model.safetensors").read_bytes() == weights
+    with pytest.raises(ValueError, match=r"holds the rounds of a chain with other options \(round_lr\)"):
+        train_dagger_rounds(TASK, out, rounds=3, **{**chain, "round_lr": 2e-4})
+    with pytest.raises(ValueError, match="holds round 3 already; expected rounds >= 3"):
+        train_dagger_rounds(TASK, out, rounds=2, **chain)
+
+    # A fresh machine: round 1 carried, the chain goes on after it in a new out; the round in a
+    # fresh process, as on CUDA (where forked EGL workers cannot follow a process that started CUDA).
+    carried = tmp_path / "carried" / "round1"
+    shutil.copytree(out / ROUNDS_DIR / "round1", carried)
+    fresh = train_dagger_rounds(TASK, tmp_path / "fresh", rounds=2, dagger_from=carried, isolate_rounds=True, **chain)
+    assert [r["round"] for r in fresh["rounds"]] == [2] and fresh["rounds"][0]["from"] == str(carried)
+    assert options(2, tmp_path / "fresh")["finetune_from"] == options(2)["finetune_from"]   # same name, same weights
+    assert fresh["stages"]["takeover"]["replayed"] > 0                  # round 0's set from round 1's driven steps
+
+    for bad, message in ((dict(dagger_from=out / ROUNDS_DIR / "round3"), "is round 3; rounds=3 asks for none after it"),
+                         (dict(driver=round1), "driver: the rounds of a chain set their drivers"),
+                         (dict(takeover_demos=0), "takeover_demos: expected an int >= 1"),
+                         (dict(train_seconds=None), "train_seconds: expected round 0's seconds")):
+        with pytest.raises(ValueError, match=message):
+            train_dagger_rounds(TASK, tmp_path / "bad", rounds=3, **{**chain, **bad})
+    with pytest.raises(ValueError, match="rounds: expected an int >= 1"):
+        train_dagger_rounds(TASK, tmp_path / "bad", rounds=0, **chain)
     assert not (tmp_path / "bad").exists()
 
 

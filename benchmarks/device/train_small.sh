@@ -31,6 +31,11 @@
 #       --finetune-from /tmp/r18model --lr 3e-4          # a DAgger round that goes on from its driver
 # (`--finetune-from`: a finished model's weights, a schedule of its own; a driver's steps driven
 # elsewhere come along as <WORK>/<task>/takeover/<task>/driven_starts.npz, put there before the call)
+#   TRAIN_SECONDS=600 bash benchmarks/device/train_small.sh reach_target -- --variation 0 --size small-swin \
+#       --takeover-demos 500 --takeover-steps 60 --takeover-num-envs 64 --takeover-weight 3 \
+#       --dagger-rounds 3 --dagger-seconds 200 --dagger-lr 3e-4      # a training and 3 DAgger rounds, one command
+# (the same command in every call continues the chain; a fresh machine: add --dagger-from the unpacked
+# train_small_<task>_round<k>_model.tar the last call returned)
 #
 # The evaluation is not part of the GPU calls: `llarva eval` runs the checkpoint on any machine
 # (examples/train_small.md gives the commands; the rollouts are what costs time, not the model).
