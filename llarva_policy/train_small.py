@@ -1400,6 +1400,9 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
 
 ROUNDS_DIR = "rounds"          # in `out`: each finished round of a DAgger chain, round<k>/
 ROUNDS_FILE = "rounds.json"    # in `out`/rounds: the chain's options and what each round did
+# A round drives its takeover attempts and tokenizes its data before it trains, 1-2 minutes on the
+# H200 (rounds 23-25), which a call's budget does not stop: with less left, a call ends before it.
+ROUND_START_SECONDS = 120.0
 # Arguments that say where and how fast a chain runs, not what it trains: a rerun may change them.
 _CHAIN_RUN_ONLY = ("processes", "progress", "device", "export", "run_seconds", "eval_reserve_seconds",
                    "checkpoint_seconds", "eval_episodes", "eval_num_envs", "eval_seed", "eval_episode_length",
@@ -1430,7 +1433,8 @@ def train_dagger_rounds(task: str, out, *, rounds: int, round_seconds: float = 2
     starts after the last round kept (a larger `rounds` extends the chain); `dagger_from`, a
     finished round's folder (`rounds/round<k>` carried to a fresh machine), starts after that
     round instead. `run_seconds` is the budget of this call, shared by its rounds: a round it cuts
-    short is continued by the rerun, as `train_small` continues a training. Only the last round is
+    short is continued by the rerun, as `train_small` continues a training, and no round after the
+    call's first starts with less than `ROUND_START_SECONDS` left. Only the last round is
     evaluated. `export` receives `train_small`'s files and, as each round is kept, that round as
     `train_small_<task>_round<k>_model.tar` (the one before is then removed from `export`, not
     from `out`: a device call returns at most 8 files). Returns the last round's summary with
@@ -1498,8 +1502,8 @@ def train_dagger_rounds(task: str, out, *, rounds: int, round_seconds: float = 2
             call.update(takeover, driver=next_dagger_drivers(previous), finetune_from=str(previous),
                         train_seconds=round_seconds, lr=round_lr, max_steps=None)
         left = None if run_seconds is None else run_seconds - (time.perf_counter() - started)
-        if left is not None and left <= 0:
-            break           # this call's budget is spent: the rerun starts this round
+        if left is not None and (left <= 0 or (k > first and left < ROUND_START_SECONDS)):
+            break           # too little of this call's budget to reach this round's training: the rerun starts it
         summary = _run(train_small, isolate_rounds, task=task, out=out, run_seconds=left, export=export,
                        progress=progress, eval_episodes=eval_episodes if k == rounds else 0, **call)
         if summary["training"]["stopped_by"] == "stop_seconds":

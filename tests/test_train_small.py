@@ -505,6 +505,9 @@ def test_dagger_rounds_run_the_chain_as_one_run_that_a_rerun_continues(tmp_path)
     # A budget spent before round 0's training ends: paused, nothing kept; the rerun goes on.
     paused = train_dagger_rounds(TASK, out, rounds=2, run_seconds=1.0, export=export, **chain)
     assert paused["training"]["stopped_by"] == "stop_seconds" and paused["rounds"] == []
+    # Round 0 finished with less than ROUND_START_SECONDS left: round 1 is left to the next call.
+    budget = train_dagger_rounds(TASK, out, rounds=2, run_seconds=60.0, export=export, **chain)
+    assert budget["training"]["stopped_by"] == "time" and [r["round"] for r in budget["rounds"]] == [0]
     summary = train_dagger_rounds(TASK, out, rounds=2, export=export, **chain)
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert summary["training"]["sittings"] == 1 and summary["options"]["lr"] == 1e-4
