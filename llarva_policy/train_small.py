@@ -39,6 +39,10 @@ rates). `export`, if given, receives the few files worth keeping as they are mad
 one tar, the summary, both results files, one rollout video): a device run writes them straight
 into its output folder, so a run stopped by a time limit still returns what it had.
 
+DAgger: with `driver` models, expert-takeover demos from the states they reach join the data
+(`<out>/takeover*`); `train_dagger_rounds` runs a training and rounds of DAgger after it, each
+round driven by and going on from the one before, as one run (`llarva train-small --dagger-rounds`).
+
 Reproducibility: demos, annotations, tokenizer, initialisation, data order and evaluation episodes
 are functions of the seeds. With `max_steps=None` the learning-rate schedule runs on the clock
 to fill `train_seconds`, and the steps made are recorded in the summary; pass them back as
