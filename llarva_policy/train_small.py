@@ -1454,10 +1454,13 @@ def train_dagger_rounds(task: str, out, *, rounds: int, round_seconds: float = 2
     for name, value in (("round_seconds", round_seconds), ("round_lr", round_lr)):
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name}: expected a number > 0, got {value!r}")
-    for name in ("driver", "finetune_from", "init_from"):
+    for name in ("driver", "finetune_from"):
         if options.get(name) is not None:
             raise ValueError(f"{name}: the rounds of a chain set their drivers and weights themselves; to start "
                              f"after a finished round, give it as dagger_from")
+    if options.get("init_from") is not None:
+        raise ValueError("init_from: a chain continues a paused round from the state in out; on a fresh machine it "
+                         "starts again the round after the last one kept, given as dagger_from")
     if "train_seconds" in options and options["train_seconds"] is None:
         raise ValueError("train_seconds: expected round 0's seconds; None (train for what the call leaves) would "
                          "leave nothing for the rounds after it")

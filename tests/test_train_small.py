@@ -550,6 +550,7 @@ def test_dagger_rounds_run_the_chain_as_one_run_that_a_rerun_continues(tmp_path)
 
     for bad, message in ((dict(dagger_from=out / ROUNDS_DIR / "round3"), "is round 3; rounds=3 asks for none after it"),
                          (dict(driver=round1), "driver: the rounds of a chain set their drivers"),
+                         (dict(init_from=round1), "init_from: a chain continues a paused round from the state in out"),
                          (dict(takeover_demos=0), "takeover_demos: expected an int >= 1"),
                          (dict(train_seconds=None), "train_seconds: expected round 0's seconds")):
         with pytest.raises(ValueError, match=message):
