@@ -25,8 +25,12 @@ class WaypointFollower:
         self.waypoints = backend.task.waypoints()
         self.index = 0
 
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.waypoints)
+
     def next_action(self, action_mode: str) -> np.ndarray:
-        target_q, gripper = self._next_joint_target()
+        target_q, gripper = self.next_joint_target(self.panda.joint_positions, self.panda.gripper_open)
         if action_mode == "joint_velocity":
             return np.r_[(target_q - self.panda.joint_positions) / CONTROL_PERIOD, gripper].astype(np.float32)
         if action_mode == "joint_position":
@@ -34,9 +38,9 @@ class WaypointFollower:
         position, rotation = self.panda.forward_kinematics(target_q)
         return np.r_[position, mat_to_quat_xyzw(rotation), gripper].astype(np.float32)
 
-    def _next_joint_target(self) -> tuple[np.ndarray, float]:
-        q = self.panda.joint_positions
-        gripper = self.panda.gripper_open
+    def next_joint_target(self, q: np.ndarray, gripper: float) -> tuple[np.ndarray, float]:
+        """From joints `q` and gripper state `gripper`: the joints to move to in one control period
+        and the gripper command. Depends on nothing else, so a plan can be run without the simulator."""
         while self.index < len(self.waypoints):
             waypoint = self.waypoints[self.index]
             position, rotation = self.panda.forward_kinematics(q)
@@ -63,6 +67,25 @@ class WaypointFollower:
                 target = q + (target - q) / scale
             return target, gripper
         return q, gripper
+
+
+def reaches_every_waypoint(backend, max_steps: int) -> bool:
+    """Whether the expert's arm gets to every waypoint of the episode just placed within `max_steps`.
+
+    RLBench's reset (`Scene.init_episode`) asks its path planner for a path to each waypoint and
+    draws the placement again when one has none (`Task.validate`, `WaypointError`). Ours asks the
+    expert: the arm moves kinematically to the joint targets it is given, whatever it touches, so
+    the expert's plan run from the start state, without stepping the simulator, is the joint path
+    the episode would follow. A placement it cannot finish (a target beyond the reach of the arm
+    with the gripper pointing down) is one no demonstration exists for.
+    """
+    follower = WaypointFollower(backend)
+    q, gripper = backend.panda.joint_positions, backend.panda.gripper_open
+    for _ in range(max_steps):
+        if follower.done:
+            break
+        q, gripper = follower.next_joint_target(q, gripper)
+    return follower.done
 
 
 def _turn(rotation: np.ndarray, axis_angle: np.ndarray) -> np.ndarray:

@@ -9,7 +9,10 @@ from llarva_gym.action_modes import JOINT_LOWER, JOINT_UPPER
 from llarva_gym.backends.mujoco.robot import Panda, quat_xyzw_to_mat
 from llarva_gym.backends.mujoco.scene import CONTROL_PERIOD, Cameras, build_model
 from llarva_gym.backends.mujoco.tasks import TASKS
+from llarva_gym.expert import reaches_every_waypoint
 from llarva_gym.observation import Observation, ObservationConfig
+
+MAX_RESET_ATTEMPTS = 40   # RLBench's TaskEnvironment draws a placement up to 40 times
 
 
 class MujocoBackend:
@@ -29,6 +32,17 @@ class MujocoBackend:
         self._images: dict[str, np.ndarray] | None = None   # the current step's frames, once rendered
 
     def reset(self, variation: int, rng: np.random.Generator) -> list[str]:
+        """Place the task's objects, drawing again (from the same `rng`) while the expert cannot
+        reach every waypoint of the placement, as RLBench's reset does."""
+        for _ in range(MAX_RESET_ATTEMPTS):
+            self._place(variation, rng)
+            if reaches_every_waypoint(self, self.task.max_episode_steps):
+                return self.task.descriptions(variation)
+        raise RuntimeError(f"{self.task.name}: none of {MAX_RESET_ATTEMPTS} placements drawn for variation "
+                           f"{variation} has waypoints the arm can reach; the task's spawn boundary or "
+                           "waypoints are wrong")
+
+    def _place(self, variation: int, rng: np.random.Generator) -> None:
         self._images = None
         mujoco.mj_resetData(self.model, self.data)
         self.panda.reset()
@@ -39,7 +53,6 @@ class MujocoBackend:
             mujoco.mj_step(self.model, self.data)
         mujoco.mj_forward(self.model, self.data)
         self.panda.joint_velocities = np.zeros(7)
-        return self.task.descriptions(variation)
 
     def apply_action(self, action: np.ndarray) -> str | None:
         """Run one control period. Returns why the action was refused, or None."""
