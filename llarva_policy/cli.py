@@ -107,7 +107,9 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default=None)
         p.add_argument("--dtype", default=None)
-        p.add_argument("--visual-trace", action="store_true", help="the checkpoint answers with a visual trace")
+        p.add_argument("--visual-trace", action=argparse.BooleanOptionalAction, default=None,
+                       help="whether the checkpoint answers with a visual trace first (default: as its "
+                            "llarva_train_small.json says; without one, no)")
         p.add_argument("--template", default="training")
         p.add_argument("--constrained", action="store_true",
                        help="constrain decoding to the answer format, so every answer parses")

@@ -103,7 +103,7 @@ class LlarvaPolicy:
         self._state = None      # select_action's own history (LeRobot style)
 
     @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, with_visual_trace: bool = False, template="training",
+    def from_pretrained(cls, path, device=None, dtype=None, with_visual_trace: bool | None = None, template="training",
                         vision_tower=None, on_parse_error: str = "raise", max_new_tokens: int | None = None,
                         history_noise: float = 0.0, seed: int | None = None, generation_method: str = "auto",
                         constrained: bool = False) -> "LlarvaPolicy":
@@ -111,9 +111,12 @@ class LlarvaPolicy:
 
         `device`: None picks CUDA when available. `dtype`: None picks float32 on CPU and bfloat16
         (float16 where unsupported) on CUDA; or "fp32", "bf16", "fp16" or a torch dtype.
-        `vision_tower`: a local CLIP folder for original-layout checkpoints. The other options
+        `vision_tower`: a local CLIP folder for original-layout checkpoints. `with_visual_trace`:
+        None asks as the checkpoint was trained (`trained_with_visual_trace`). The other options
         are the constructor's.
         """
+        if with_visual_trace is None:
+            with_visual_trace = trained_with_visual_trace(path)
         loaded = load_llava(path, device=device, dtype=dtype, vision_tower=vision_tower)
         return cls(loaded, with_visual_trace=with_visual_trace, template=template, on_parse_error=on_parse_error,
                    max_new_tokens=max_new_tokens, history_noise=history_noise, seed=seed,
@@ -225,6 +228,25 @@ def _advance_history(state, episode_start, joint_positions: np.ndarray) -> np.nd
     history = np.roll(history, -1, axis=1)   # drop the oldest step ...
     history[:, -1] = joint_positions          # ... and add the current one last
     return history
+
+
+def trained_with_visual_trace(path) -> bool:
+    """Whether the checkpoint at `path` was trained to answer with a visual trace first, as far as
+    its folder tells: `llarva train-small` records it (llarva_train_small.json); any other
+    checkpoint (LLARVA's own, `llarva finetune`'s) is taken to answer with the action alone. Asked
+    the other way, a model writes nonsense numbers, so the record is read rather than guessed."""
+    import json
+
+    from llarva_policy.train_small import TRAINING_FILE
+
+    record = Path(path) / TRAINING_FILE
+    if not record.is_file():
+        return False
+    try:
+        return bool(json.loads(record.read_text())["options"].get("visual_trace", False))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{record}: not a train-small record ({error!r}); expected JSON with an 'options' "
+                         "dict, as llarva train-small writes; pass with_visual_trace explicitly") from None
 
 
 def _read_observation(observation) -> dict:

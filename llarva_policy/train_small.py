@@ -936,12 +936,11 @@ def driver_loader(checkpoint, visual_trace: bool | None = None, default_visual_t
     """A picklable callable that loads `checkpoint` as a constrained `LlarvaPolicy`, for
     `record_demos(driver=...)` (each recording process loads its own). `visual_trace=None`: the
     checkpoint answers as it was trained (its llarva_train_small.json), else `default_visual_trace`."""
-    from llarva_policy.policy import LlarvaPolicy
+    from llarva_policy.policy import LlarvaPolicy, trained_with_visual_trace
 
     if visual_trace is None:
-        record = Path(checkpoint) / TRAINING_FILE
-        visual_trace = (bool(json.loads(record.read_text())["options"].get("visual_trace", False))
-                        if record.is_file() else default_visual_trace)
+        visual_trace = (trained_with_visual_trace(checkpoint) if (Path(checkpoint) / TRAINING_FILE).is_file()
+                        else default_visual_trace)
     return functools.partial(LlarvaPolicy.from_pretrained, str(checkpoint), constrained=True,
                              with_visual_trace=visual_trace)
 

@@ -345,6 +345,37 @@ def test_missing_or_broken_checkpoint_gives_a_clear_error(tiny_dir, tmp_path):
         LlarvaPolicy.from_pretrained(broken, device="cpu")
 
 
+def test_a_train_small_checkpoint_is_asked_as_it_was_trained(tiny_dir, tmp_path, monkeypatch):
+    """A model trained to write a visual trace first writes nonsense numbers when asked for the action
+    alone: from_pretrained reads train-small's record instead of defaulting to no trace."""
+    import json
+    import shutil
+
+    from llarva_policy.cli import main
+    from llarva_policy.train_small import TRAINING_FILE
+
+    assert LlarvaPolicy.from_pretrained(tiny_dir, device="cpu").with_visual_trace is False   # no record
+    traced = tmp_path / "traced"
+    shutil.copytree(tiny_dir, traced)
+    (traced / TRAINING_FILE).write_text(json.dumps({"options": {"visual_trace": True, "trace_points": 3}}))
+    assert LlarvaPolicy.from_pretrained(traced, device="cpu").with_visual_trace is True
+    assert LlarvaPolicy.from_pretrained(traced, device="cpu", with_visual_trace=False).with_visual_trace is False
+    made = []
+    real = LlarvaPolicy.from_pretrained.__func__
+    monkeypatch.setattr(LlarvaPolicy, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: made.append(real(cls, *a, **k)) or made[-1]))
+    for flag, expected in (([], True), (["--no-visual-trace"], False)):
+        results = tmp_path / f"results{len(made)}.json"
+        main(["eval", "--task", "reach_target", "--checkpoint", str(traced), "--constrained", "--episodes", "1",
+              "--episode-length", "2", "--device", "cpu", "--results", str(results), *flag])
+        assert made[-1].with_visual_trace is expected
+        assert json.loads(results.read_text())["summary"]["episodes"] == 1
+    monkeypatch.undo()
+    (traced / TRAINING_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match=f"{TRAINING_FILE}: not a train-small record.*with_visual_trace"):
+        LlarvaPolicy.from_pretrained(traced, device="cpu")
+
+
 # --- examples and the latency benchmark run as written ---------------------------------------------
 
 @pytest.mark.parametrize("script, expected", [
