@@ -23,7 +23,12 @@ it): the conventional regression's aim and drift on the same scenes as a LLaVA c
 `--training-scenes` runs the scenes the demos were recorded in (with a checkpoint's demo seed, the
 ones it was trained on): the aim there against held-out scenes tells a model that has not fitted
 its data from one that does not generalise. The step where the cosine first turns negative is
-where the policy has left anything the demos taught it. Prints a row every few steps and writes JSON (default
+where the policy has left anything the demos taught it. Per step also each command's motion of the
+gripper (`*_tip_speed`, m/s, and `*_turn_rate`, rad/s: how fast the hand would turn), the cosine
+between the two tip velocities and the hand's orientation error to the waypoint's; the summary
+`by_distance` gives their medians by the tip's distance to the goal: where the expert's command is
+mostly turning the hand back, a policy that does not turn it has little left to imitate.
+Prints a row every few steps and writes JSON (default
 benchmarks/results/closed_loop_drift_<task>.json), rewritten atomically after every episode.
 """
 
@@ -39,6 +44,7 @@ import mujoco
 import numpy as np
 
 import llarva_gym  # noqa: F401  (registers the llarva/ ids)
+from llarva_gym.backends.mujoco.robot import rotation_error
 from llarva_gym.backends.mujoco.scene import CONTROL_PERIOD
 from llarva_gym.evaluation import episode_reset_seed
 from llarva_gym.expert import WaypointFollower
@@ -69,11 +75,14 @@ def rollout(policy, env, reset_seed: int, steps: int) -> tuple[list[dict], dict,
         action, state = policy.predict(obs, state=state, episode_start=np.array([t == 0]))
         expert = WaypointFollower(backend)   # a fresh plan from this state, as the labels are made
         command = expert.next_action("joint_velocity")
-        waypoint = expert.waypoints[min(expert.index, len(expert.waypoints) - 1)].position
+        current = expert.waypoints[min(expert.index, len(expert.waypoints) - 1)]
+        waypoint = current.position
         a, x = np.asarray(action[:7], dtype=np.float64), command[:7].astype(np.float64)
         norms = np.linalg.norm(a) * np.linalg.norm(x)
         q = backend.panda.joint_positions
-        tip = backend.panda.forward_kinematics(q)[0]
+        tip, hand = backend.panda.forward_kinematics(q)
+        motions = {who: gripper_motion(backend.panda, q, velocity) for who, velocity in (("policy", a), ("expert", x))}
+        tip_norms = np.linalg.norm(motions["policy"]["tip_velocity"]) * np.linalg.norm(motions["expert"]["tip_velocity"])
         aims = {who: aim(tip, backend.panda.forward_kinematics(q + velocity * CONTROL_PERIOD)[0] - tip,
                          camera, ray, goal)
                 for who, velocity in (("policy", a), ("expert", x))}
@@ -81,6 +90,12 @@ def rollout(policy, env, reset_seed: int, steps: int) -> tuple[list[dict], dict,
                      "policy_speed": round(float(np.linalg.norm(a)), 4),
                      "expert_speed": round(float(np.linalg.norm(x)), 4),
                      "tip_to_waypoint_m": round(float(np.linalg.norm(obs["gripper_pose"][:3] - waypoint)), 4),
+                     "tip_to_goal_m": round(float(np.linalg.norm(tip - goal)), 4),
+                     **{f"{who}_{key}": round(float(motion[key]), 4) for who, motion in motions.items()
+                        for key in ("tip_speed", "turn_rate")},
+                     "tip_cosine": (round(float(motions["policy"]["tip_velocity"] @ motions["expert"]["tip_velocity"]
+                                                / tip_norms), 4) if tip_norms > 1e-12 else None),
+                     "orientation_error_rad": round(float(np.linalg.norm(rotation_error(hand, current.rotation))), 4),
                      **depth_and_lateral(obs["gripper_pose"][:3] - goal, ray),
                      **{f"{who}_aim_{key}": value for who, found in aims.items() for key, value in found.items()}})
         for name, position in objects.items():
@@ -91,6 +106,35 @@ def rollout(policy, env, reset_seed: int, steps: int) -> tuple[list[dict], dict,
             rows[-1]["success"] = bool(info["success"])
             break
     return rows, {name: round(distance, 4) for name, distance in closest_to_objects.items()}, goal
+
+
+def gripper_motion(panda, q: np.ndarray, velocity: np.ndarray) -> dict:
+    """What a joint-velocity command does to the gripper over one control period: the tip's velocity
+    (m/s), its speed, and the rate the hand turns at (rad/s)."""
+    tip, hand = panda.forward_kinematics(q)
+    next_tip, next_hand = panda.forward_kinematics(q + velocity * CONTROL_PERIOD)
+    tip_velocity = (next_tip - tip) / CONTROL_PERIOD
+    return {"tip_velocity": tip_velocity, "tip_speed": np.linalg.norm(tip_velocity),
+            "turn_rate": np.linalg.norm(rotation_error(hand, next_hand)) / CONTROL_PERIOD}
+
+
+BANDS_M = ((0.0, 0.03), (0.03, 0.08), (0.08, 0.2), (0.2, None))
+MOTION_KEYS = ("policy_tip_speed", "expert_tip_speed", "policy_turn_rate", "expert_turn_rate", "tip_cosine",
+               "orientation_error_rad")
+
+
+def by_distance(episodes: list[dict]) -> list[dict]:
+    """Medians of the gripper-motion columns over every step, by the tip's distance to the goal."""
+    steps = [row for episode in episodes for row in episode["steps"]]
+    bands = []
+    for low, high in BANDS_M:
+        inside = [r for r in steps if r["tip_to_goal_m"] >= low and (high is None or r["tip_to_goal_m"] < high)]
+        medians = {}
+        for key in MOTION_KEYS:
+            values = [r[key] for r in inside if r[key] is not None]
+            medians[key] = round(float(np.median(values)), 3) if values else None
+        bands.append({"to_goal_m": [low, high], "steps": len(inside), **medians})
+    return bands
 
 
 def camera_position(env) -> np.ndarray:
@@ -173,7 +217,8 @@ def main(argv=None):
                         help="the scenes `llarva demos --seed SEED` records (attempt k's reset seed) instead of "
                              "llarva eval's: with a checkpoint's demo seed, the scenes it was trained on")
     parser.add_argument("--variation", type=int, default=None)
-    parser.add_argument("--visual-trace", action="store_true", help="the checkpoint answers with a visual trace")
+    parser.add_argument("--visual-trace", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether the checkpoint answers with a visual trace (default: as it was trained)")
     parser.add_argument("--render-quality", default="fast", choices=("fast", "high"),
                         help="the env's rendering, as the checkpoint was trained and evaluated")
     parser.add_argument("--device", default=None)
@@ -212,8 +257,12 @@ def main(argv=None):
               f"depth {closest['depth_m']:+.3f} m, lateral {closest['lateral_m']:.3f} m, success {summary['success']}; "
               f"closest to each placed object (m): {closest_to_objects}", flush=True)
         record["first_step_aim"] = first_step_aim(record["episodes"])
+        record["by_distance"] = by_distance(record["episodes"])
         write_json_atomic(out, record)
     env.close()
+    print("by the tip's distance to the goal (medians; speeds m/s, turn rates rad/s):")
+    for band in record["by_distance"]:
+        print("  " + ", ".join(f"{key} {value}" for key, value in band.items()))
     print(f"step 0's heading over {len(record['episodes'])} episodes (median absolute depth error, median miss; m): "
           f"{record['first_step_aim']}")
 

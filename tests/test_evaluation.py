@@ -268,6 +268,18 @@ def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(t
     # The expert's first step heads straight for the target: its aim lies on the camera's ray at the target's depth.
     assert abs(first["expert_aim_depth_error_m"]) < 0.03 and first["expert_aim_miss_m"] < 0.01
     assert record["first_step_aim"]["expert"]["median_abs_depth_error_m"] == abs(first["expert_aim_depth_error_m"])
+    # The start pose's hand is off the waypoint's (pointing down) by more than one step's turn, so the
+    # expert's first command turns it at the expert's most, while the tip goes at the waypoint's speed.
+    from llarva_gym.backends.mujoco.robot import rotation_error
+    from llarva_gym.expert import MAX_TURN_RATE
+
+    hand = backend.panda.gripper_matrix()[:3, :3]
+    waypoint = backend.task.waypoints()[0]
+    assert first["orientation_error_rad"] == pytest.approx(np.linalg.norm(rotation_error(hand, waypoint.rotation)),
+                                                           abs=1e-3) and first["orientation_error_rad"] > 0.1
+    assert first["expert_turn_rate"] == pytest.approx(MAX_TURN_RATE, rel=0.02)
+    assert first["expert_tip_speed"] == pytest.approx(waypoint.speed, rel=0.02)
+    assert sum(band["steps"] for band in record["by_distance"]) == 4
     objects = episode["closest_to_objects_m"]
     assert sorted(objects) == ["distractor0", "distractor1", "target"]
     assert objects["target"] == pytest.approx(episode["closest_m"], abs=1e-4)   # reach's one waypoint is the target
