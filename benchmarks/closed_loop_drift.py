@@ -18,7 +18,10 @@ meets it, less the goal's, and how far the line passes from the ray; with `--ste
 episodes, step 0's aim (summary `first_step_aim`) says in seconds an episode whether a checkpoint
 reads the target's depth from the image (the expert's aim is exact to a few millimetres; the slope
 of aimed against true depth is 1 for a policy that reads it, 0 for one that aims at one depth).
-`--checkpoint` may also be a `bc_baseline.py` model (its `.pt`, with its report `.json` beside
+`--oracle-orientation` is an intervention, for diagnosis only: each step the tip moves as the policy
+commands while the hand turns toward the waypoint's orientation at the expert's rate (an IK
+solve from the policy's next pose); a policy that then succeeds where it failed was failing by
+turning its hand. `--checkpoint` may also be a `bc_baseline.py` model (its `.pt`, with its report `.json` beside
 it): the conventional regression's aim and drift on the same scenes as a LLaVA checkpoint's.
 `--training-scenes` runs the scenes the demos were recorded in (with a checkpoint's demo seed, the
 ones it was trained on): the aim there against held-out scenes tells a model that has not fitted
@@ -47,7 +50,7 @@ import llarva_gym  # noqa: F401  (registers the llarva/ ids)
 from llarva_gym.backends.mujoco.robot import rotation_error
 from llarva_gym.backends.mujoco.scene import CONTROL_PERIOD
 from llarva_gym.evaluation import episode_reset_seed
-from llarva_gym.expert import WaypointFollower
+from llarva_gym.expert import MAX_TURN_RATE, WaypointFollower, turned, within_velocity_limit
 from llarva_gym.files import write_json_atomic
 from llarva_gym.recording import attempt_seed
 from llarva_policy import LlarvaPolicy
@@ -63,7 +66,8 @@ def placed_objects(backend) -> dict[str, np.ndarray]:
             for body in range(model.nbody) if model.body_mocapid[body] >= 0}
 
 
-def rollout(policy, env, reset_seed: int, steps: int) -> tuple[list[dict], dict, np.ndarray]:
+def rollout(policy, env, reset_seed: int, steps: int,
+            oracle_orientation: bool = False) -> tuple[list[dict], dict, np.ndarray]:
     obs, _ = env.reset(seed=reset_seed)
     backend, state, rows = env.unwrapped.backend, None, []
     objects = placed_objects(backend)
@@ -76,6 +80,10 @@ def rollout(policy, env, reset_seed: int, steps: int) -> tuple[list[dict], dict,
         expert = WaypointFollower(backend)   # a fresh plan from this state, as the labels are made
         command = expert.next_action("joint_velocity")
         current = expert.waypoints[min(expert.index, len(expert.waypoints) - 1)]
+        if oracle_orientation:
+            action = np.r_[turning_toward(backend.panda, backend.panda.joint_positions,
+                                          np.asarray(action[:7], dtype=np.float64), current.rotation),
+                           action[7]].astype(np.float32)
         waypoint = current.position
         a, x = np.asarray(action[:7], dtype=np.float64), command[:7].astype(np.float64)
         norms = np.linalg.norm(a) * np.linalg.norm(x)
@@ -116,6 +124,20 @@ def gripper_motion(panda, q: np.ndarray, velocity: np.ndarray) -> dict:
     tip_velocity = (next_tip - tip) / CONTROL_PERIOD
     return {"tip_velocity": tip_velocity, "tip_speed": np.linalg.norm(tip_velocity),
             "turn_rate": np.linalg.norm(rotation_error(hand, next_hand)) / CONTROL_PERIOD}
+
+
+def turning_toward(panda, q: np.ndarray, velocity: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """The joint velocity that moves the tip where `velocity` would while the hand turns toward
+    `rotation` at the expert's rate, slowed as the expert's commands are where that needs joints
+    faster than their limits."""
+    next_q = q + velocity * CONTROL_PERIOD
+    tip, _ = panda.forward_kinematics(next_q)
+    _, hand = panda.forward_kinematics(q)
+    turn = rotation_error(hand, rotation)
+    angle = np.linalg.norm(turn)
+    fraction = min(1.0, MAX_TURN_RATE * CONTROL_PERIOD / angle) if angle > 0 else 1.0
+    target, _ = panda.solve_ik(tip, turned(hand, turn * fraction), next_q)
+    return (within_velocity_limit(q, target) - q) / CONTROL_PERIOD
 
 
 BANDS_M = ((0.0, 0.03), (0.03, 0.08), (0.08, 0.2), (0.2, None))
@@ -223,6 +245,9 @@ def main(argv=None):
                         help="the env's rendering, as the checkpoint was trained and evaluated")
     parser.add_argument("--device", default=None)
     parser.add_argument("--every", type=int, default=3, help="print every N-th step")
+    parser.add_argument("--oracle-orientation", action="store_true",
+                        help="diagnosis: the hand turns toward the waypoint's orientation as the expert would, "
+                             "the tip moves as the policy commands")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -232,12 +257,12 @@ def main(argv=None):
     record = {"task": args.task, "checkpoint": str(args.checkpoint), "seed": args.seed,
               "scenes": "training (llarva demos' attempts)" if args.training_scenes else "llarva eval's",
               "variation": args.variation,
-              "render_quality": args.render_quality, "episodes": []}
+              "render_quality": args.render_quality, "oracle_orientation": args.oracle_orientation, "episodes": []}
     print(f"{'episode':>7} {'step':>4} {'cosine':>7} {'policy':>7} {'expert':>7} {'to waypoint':>11} {'depth':>6} "
           f"{'lateral':>7}  (speeds in rad/s, m)")
     for index in range(args.episodes):
         reset_seed = attempt_seed(args.seed, index) if args.training_scenes else episode_reset_seed(args.seed, index)
-        rows, closest_to_objects, goal = rollout(policy, env, reset_seed, args.steps)
+        rows, closest_to_objects, goal = rollout(policy, env, reset_seed, args.steps, args.oracle_orientation)
         negative = [r["step"] for r in rows if r["cosine"] is not None and r["cosine"] < 0]
         closest = min(rows, key=lambda r: np.hypot(r["depth_m"], r["lateral_m"]))
         record["episodes"].append({"index": index, "first_negative_cosine_step": negative[0] if negative else None,

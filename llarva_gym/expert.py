@@ -59,14 +59,17 @@ class WaypointFollower:
             next_position = waypoint.position if distance <= step else position + offset * (step / distance)
             angle = np.linalg.norm(turn)
             fraction = min(1.0, MAX_TURN_RATE * CONTROL_PERIOD / angle) if angle > 0 else 1.0
-            next_rotation = _turn(rotation, turn * fraction)
+            next_rotation = turned(rotation, turn * fraction)
             target, _ = self.panda.solve_ik(next_position, next_rotation, q)
-            velocity = (target - q) / CONTROL_PERIOD
-            scale = np.max(np.abs(velocity) / (VELOCITY_LIMIT * 0.95))
-            if scale > 1:
-                target = q + (target - q) / scale
-            return target, gripper
+            return within_velocity_limit(q, target), gripper
         return q, gripper
+
+
+def within_velocity_limit(q: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """`target`, or the point on the way to it from `q` that the joints reach in one control
+    period at 95% of their speed limits (the whole step scaled, so the motion keeps its direction)."""
+    scale = np.max(np.abs(target - q) / CONTROL_PERIOD / (VELOCITY_LIMIT * 0.95))
+    return q + (target - q) / scale if scale > 1 else target
 
 
 def reaches_every_waypoint(backend, max_steps: int) -> bool:
@@ -88,7 +91,8 @@ def reaches_every_waypoint(backend, max_steps: int) -> bool:
     return follower.done
 
 
-def _turn(rotation: np.ndarray, axis_angle: np.ndarray) -> np.ndarray:
+def turned(rotation: np.ndarray, axis_angle: np.ndarray) -> np.ndarray:
+    """`rotation` (3x3) turned by the world-frame axis-angle vector `axis_angle` (Rodrigues)."""
     angle = np.linalg.norm(axis_angle)
     if angle < 1e-12:
         return rotation

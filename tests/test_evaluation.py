@@ -289,6 +289,40 @@ def test_closed_loop_drift_benchmark_asks_the_expert_along_the_policys_rollout(t
     env.close()
 
 
+def test_closed_loop_drift_oracle_orientation_keeps_the_tip_motion_and_turns_the_hand(load_script):
+    from llarva_gym.action_modes import VELOCITY_LIMIT
+    from llarva_gym.backends.mujoco.robot import rotation_error
+    from llarva_gym.backends.mujoco.scene import CONTROL_PERIOD
+    from llarva_gym.expert import MAX_TURN_RATE
+
+    benchmark = load_script("benchmarks/closed_loop_drift.py")
+    env = gym.make("llarva/reach_target", variation=0)
+    env.reset(seed=4)
+    panda = env.unwrapped.backend.panda
+    down = env.unwrapped.backend.task.waypoints()[0].rotation
+    for _ in range(10):     # on the way to the target, the hand pointing down
+        env.step(env.unwrapped.expert_action())
+    velocity = np.array([0.1, -0.1, 0.05, 0.2, -0.1, 0.1, 0.2])
+    for turn_steps, limited in ((1, False), (4, True)):   # the hand turned off by 0.02 rad, then 0.16 more
+        for _ in range(turn_steps):
+            env.step(np.array([0, 0, 0, 0, 0, 0.4 * turn_steps, 0, 1], dtype=np.float32))
+        q = panda.joint_positions
+        _, hand = panda.forward_kinematics(q)
+        before = np.linalg.norm(rotation_error(hand, down))
+        fixed = benchmark.turning_toward(panda, q, velocity, down)
+        tip, turned_hand = panda.forward_kinematics(q + fixed * CONTROL_PERIOD)
+        after = np.linalg.norm(rotation_error(turned_hand, down))
+        assert np.all(np.abs(fixed) <= VELOCITY_LIMIT * 0.95 + 1e-9)
+        if not limited:     # a small turn within the joints' limits: the policy's tip motion, the hand turned back
+            wanted_tip, _ = panda.forward_kinematics(q + velocity * CONTROL_PERIOD)
+            np.testing.assert_allclose(tip, wanted_tip, atol=2e-4)
+            assert before < MAX_TURN_RATE * CONTROL_PERIOD and after < 2e-3
+        else:               # a large one: a step's turn at most, slowed to the joints' limits
+            assert before > MAX_TURN_RATE * CONTROL_PERIOD
+            assert before - MAX_TURN_RATE * CONTROL_PERIOD - 1e-3 < after < before - 0.01
+    env.close()
+
+
 def test_replan_every_holds_each_answer_and_still_advances_the_history(tmp_path, load_script):
     """benchmarks/replan_every.py: with R=3 the policy answers at steps 0, 3, 6, the action is held
     in between, and each answer's prompt is the one llarva eval builds (the history of every step)."""
