@@ -43,8 +43,8 @@ class PutItemInDrawer(Task):
     def init_episode(self, variation, rng):
         self.variation = variation
         # The block lies on the chest's top, square with the chest, on the front half; layouts
-        # that put it out of the arm's reach are drawn again (RLBench, too, redraws a layout
-        # whose waypoints the arm cannot reach).
+        # that put it out of the arm's reach are drawn again here, cheaply, before the backend's
+        # check of every waypoint (which redraws the few this misses).
         for _ in range(100):
             origin, yaw = sample_chest_pose(rng)
             on_top = np.array([rng.uniform(-0.09, 0.09), rng.uniform(0.05, 0.13), CHEST_HEIGHT + ITEM_HALF + 0.001])
