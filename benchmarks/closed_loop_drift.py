@@ -209,8 +209,9 @@ def depth_and_lateral(offset: np.ndarray, ray: np.ndarray) -> dict:
     return {"depth_m": round(depth, 4), "lateral_m": round(float(np.linalg.norm(offset - depth * ray)), 4)}
 
 
-def load_policy(checkpoint: str, device, visual_trace: bool):
-    """A LlarvaPolicy checkpoint folder, or a bc_baseline.py model (`.pt`, its `.json` beside it)."""
+def load_policy(checkpoint: str, device, visual_trace: bool | None):
+    """A LlarvaPolicy checkpoint folder (`visual_trace` None: as it was trained), or a bc_baseline.py model
+    (`.pt`, its `.json` beside it)."""
     path = Path(checkpoint)
     if path.suffix != ".pt":
         return LlarvaPolicy.from_pretrained(path, device=device, constrained=True, with_visual_trace=visual_trace)

@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1, help="llarva eval's --seed: the same episodes")
     parser.add_argument("--variation", type=int, default=None)
-    parser.add_argument("--visual-trace", action="store_true", help="the checkpoint answers with a visual trace")
+    parser.add_argument("--visual-trace", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether the checkpoint answers with a visual trace (default: as it was trained)")
     parser.add_argument("--render-quality", default="fast", choices=("fast", "high"))
     parser.add_argument("--drive", default="policy", choices=("policy", "expert"),
                         help="who moves the arm between the questions (expert: the states of a demonstration)")

@@ -70,7 +70,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="llarva eval's --seed: the same episodes for every R")
     parser.add_argument("--num-envs", type=int, default=4)
     parser.add_argument("--variation", type=int, default=None)
-    parser.add_argument("--visual-trace", action="store_true", help="the checkpoint answers with a visual trace")
+    parser.add_argument("--visual-trace", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether the checkpoint answers with a visual trace (default: as it was trained)")
     parser.add_argument("--render-quality", default="fast", choices=("fast", "high"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)

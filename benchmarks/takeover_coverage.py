@@ -148,7 +148,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--sets", nargs="+", required=True, metavar="NAME=FOLDER")
     parser.add_argument("--probe", default=None, help="a history_probe.py JSON: the policy's own rollouts")
     parser.add_argument("--checkpoint", default=None, help="LlarvaPolicy folder, or a bc_baseline.py .pt, to ask")
-    parser.add_argument("--visual-trace", action="store_true", help="the checkpoint answers with a visual trace")
+    parser.add_argument("--visual-trace", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether the checkpoint answers with a visual trace (default: as it was trained)")
     parser.add_argument("--ask-every", type=int, default=2)
     parser.add_argument("--ask-episodes", type=int, default=60)
     parser.add_argument("--ask-within", type=float, default=0.2, help="ask at samples this close to the goal (m)")
