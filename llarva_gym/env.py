@@ -111,7 +111,23 @@ class RLBenchEnv(gym.Env):
         self.descriptions = self.backend.reset(self.variation, np.random.default_rng(self.episode_seed))
         self.task_description = self.descriptions[0]   # LLARVA trains and evaluates on the first
         self._expert = None
+        if demo is not None:
+            self._check_demo_layout(demo)
         return self._observation(), self._info(success=False)
+
+    def _check_demo_layout(self, demo):
+        """The episode seed of a demo recorded before the reset began to redraw placements the arm
+        cannot reach (DESIGN-NOTES) may give another layout now: say so rather than start elsewhere."""
+        recorded = getattr(demo[0], "task_low_dim_state", None) if len(demo) else None
+        task = getattr(self.backend, "task", None)
+        if recorded is None or task is None:
+            return
+        recorded, now = np.asarray(recorded, dtype=np.float64), task.low_dim_state()
+        if recorded.shape != now.shape or not np.allclose(recorded, now, atol=1e-6):
+            raise ValueError(f"options['demo']: its episode_seed {self.episode_seed} now starts another layout "
+                             f"(task_low_dim_state {np.round(now, 4).tolist()}, the demo's "
+                             f"{np.round(recorded, 4).tolist()}): it was recorded by an earlier version of the "
+                             "task, whose reset kept placements the arm cannot reach; record the demos again")
 
     def _reset_to_recorded_demo(self, demo, options):
         """A demo real RLBench recorded: its backend (backend='rlbench') restores the demo's own start."""

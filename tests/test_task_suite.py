@@ -105,6 +105,17 @@ def test_reset_draws_again_a_placement_whose_waypoints_the_arm_cannot_reach():
     reachable = _first_draw(backend, 0, 165)
     env.reset(options={"episode_seed": 165, "variation": 0})
     np.testing.assert_array_equal(backend.task.low_dim_state(), reachable)
+    # A demo recorded from seed 164's first draw (before the check) cannot start where it did: a clear error.
+    from llarva_gym.demos import Demo
+
+    _first_draw(backend, 0, 164)
+    old_demo = Demo([backend.rlbench_observation()], random_seed={"episode_seed": 164, "variation": 0})
+    with pytest.raises(ValueError, match="episode_seed 164 now starts another layout.*record the demos again"):
+        env.reset(options={"demo": old_demo})
+    env.reset(options={"episode_seed": 164, "variation": 0})
+    current = Demo([backend.rlbench_observation()], random_seed={"episode_seed": 164, "variation": 0})
+    env.reset(options={"demo": current})
+    np.testing.assert_array_equal(backend.task.low_dim_state(), target)
     env.close()
 
 
