@@ -107,7 +107,7 @@ SHAPES = {
     # A Swin tower (Liu et al. 2021) in the CLIP ViT's place: 4 px patches attending within shifted
     # 8x8 windows, merged twice into the same 64 image tokens of 192. A from-scratch ViT's 16 px
     # patches localise reach's 5-9 px sphere poorly; with the same recipe and data this tower took
-    # reach from 23/100 to 36/100 (examples/train_small.md, round 18). Still LLaVA: tower,
+    # reach from 23/100 to 36/100 (examples/train_small_log.md, round 18). Still LLaVA: tower,
     # two-layer projector, Llama.
     "small-swin": (
         dict(model_type="swin", embed_dim=48, depths=[2, 2, 2], num_heads=[3, 6, 12], window_size=8, patch_size=4),
@@ -115,7 +115,7 @@ SHAPES = {
     ),
     # The Swin stopped after two stages: 16x16 = 256 image tokens of 96, 8 px each, for what
     # round 18 still misses near the target (it brakes a few cm early, reading "arrived" from the
-    # image: examples/train_small.md, round 18). Not yet trained on the device.
+    # image: examples/train_small_log.md, round 18). Not yet trained on the device.
     "small-swin-256": (
         dict(model_type="swin", embed_dim=48, depths=[2, 4], num_heads=[3, 6], window_size=8, patch_size=4),
         dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
@@ -959,7 +959,7 @@ def next_dagger_drivers(model) -> list[str]:
     """The `driver` list of the DAgger round after the one that trained `model` (a train-small model
     folder): each of its takeover sets by the driven steps the folder carries, in the place it had,
     then `model` itself, which drives a new set. With `finetune_from=model` this is the next round
-    of examples/train_small.md's chain, needing no earlier model."""
+    of the chain in examples/train_small_log.md, needing no earlier model."""
     from llarva_gym.recording import DRIVEN_STARTS_FILE
 
     folder = Path(model)
@@ -1429,7 +1429,7 @@ def train_dagger_rounds(task: str, out, *, rounds: int, round_seconds: float = 2
     `takeover_demos` more episodes (demo seed `demo_seed` + k), every earlier round's set is
     replayed in its place, and the training goes on from round k-1's weights for `round_seconds`
     at `round_lr` (`train_seconds`, `lr` and `max_steps` in `options` are round 0's). The shipped
-    reach_target model is round 6 of such a chain (examples/train_small.md, rounds 18-25).
+    reach_target model is round 6 of such a chain (examples/train_small_log.md, rounds 18-25).
 
     Each finished round is copied to `<out>/rounds/round<k>` (with its sets' driven steps) and
     recorded in `<out>/rounds/rounds.json`. A rerun into the same `out` with the same options
