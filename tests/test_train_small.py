@@ -967,6 +967,40 @@ def test_first_step_trace_benchmark_scores_a_checkpoint_on_held_out_scenes(tmp_p
     assert summary["median_error_px"] == pytest.approx(np.median([row["error_px"] for row in report["rows"]]), abs=0.06)
 
 
+def test_sample_average_acts_on_the_mean_of_its_sampled_answers(tmp_path, load_script):
+    """benchmarks/sample_average.py: each env's action is the mean of its sampled answers' actions
+    (each one well-formed under the grammar), a seed repeats the draws, and sampling near zero
+    temperature writes the greedy answer."""
+    probe = load_script("benchmarks/sample_average.py")
+    train_small(TASK, tmp_path / "run", size="toy", demos=1, batch_size=4, max_steps=2, visual_trace=True,
+                trace_points=3, eval_episodes=0, progress=False)
+    loaded = load_llava(tmp_path / "run" / MODEL_DIR, device="cpu", dtype=torch.float32)
+    env = gym.make(f"llarva/{TASK}")
+    obs, _ = env.reset(seed=0)
+    env.close()
+
+    def policy(**options):
+        return probe.SampleAveragePolicy(loaded, with_visual_trace=True, constrained=True, **options)
+
+    sampling = policy(samples=3, temperature=1.0, sample_seed=5)
+    action, _ = sampling.predict(obs)
+    sampled = [codec.parse_answer(text, expect_trace=True) for text in sampling.last_samples]
+    assert len(sampled) == 3
+    mean = np.clip(np.mean([s.action for s in sampled], axis=0), sampling.action_low, sampling.action_high)
+    np.testing.assert_allclose(action, mean, atol=1e-4)
+    np.testing.assert_array_equal(sampling.last_info[0]["trace"], sampled[0].trace)
+    again = policy(samples=3, temperature=1.0, sample_seed=5)
+    np.testing.assert_array_equal(again.predict(obs)[0], action)
+
+    greedy = LlarvaPolicy(loaded, with_visual_trace=True, constrained=True)
+    greedy_action, _ = greedy.predict(obs)
+    cold = policy(samples=2, temperature=1e-4)
+    np.testing.assert_allclose(cold.predict(obs)[0], greedy_action, atol=1e-6)
+    # (the toy model's trace tokens tie to within 1e-4 in places, so the answers are compared from the action on)
+    action_text = greedy.last_info[0]["text"]
+    assert [text[text.index("step:"):] for text in cold.last_samples] == [action_text[action_text.index("step:"):]] * 2
+
+
 def test_samples_are_drawn_by_their_variations_weight_times_the_early_weight(two_variations, tmp_path):
     """`variation_weights[v]` per sample of variation v (read from its episode's
     variation_number.pkl, takeover episodes included), times `early_weight` for its early steps."""
