@@ -44,7 +44,7 @@ from llarva_policy.policy import _advance_history
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 JOINTS = 7
-VISION_TOWERS = {"vit": "small", "swin": "small-swin", "swin256": "small-swin-256"}   # --vision -> train-small's size
+VISION_TOWERS = {"vit": "small", "swin": "small-swin", "swin256": "small-swin-256", "focal": "small-focal"}   # --vision -> train-small's size
 
 
 def demo_samples(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,12 +96,12 @@ class PatchTokens(nn.Module):
     def __init__(self, size: str = "small"):
         super().__init__()
         from transformers import AutoModel
-        from llarva_policy.model import tower_grid
+        from llarva_policy.model import HIERARCHICAL_TOWERS, tower_grid
         from llarva_policy.train_small import IMAGE_SIZE, vision_tower_config
 
         config = vision_tower_config(size)
         self.tower = AutoModel.from_config(config)
-        self.drop_first = config.model_type != "swin"
+        self.drop_first = config.model_type not in HIERARCHICAL_TOWERS
         stride, _ = tower_grid(config)
         self.reduce = nn.Linear(config.hidden_size, 16)
         self.features = (IMAGE_SIZE // stride) ** 2 * 16
@@ -111,23 +111,28 @@ class PatchTokens(nn.Module):
         return self.reduce(tokens[:, 1:] if self.drop_first else tokens).flatten(1)
 
 
+def vision_module(vision: str = "cnn", keypoints: int = 32) -> tuple[nn.Module, int]:
+    """(module, features per image): `vision="cnn"`: a CNN and a spatial soft-argmax (`keypoints`
+    keypoints); "vit", "swin", ...: `PatchTokens` of train-small's tower `VISION_TOWERS[vision]`.
+    The module takes images scaled to [-0.5, 0.5]."""
+    if vision == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, keypoints, 3, padding=1), SpatialSoftArgmax()), 2 * keypoints
+    if vision in VISION_TOWERS:
+        tokens = PatchTokens(VISION_TOWERS[vision])
+        return tokens, tokens.features
+    raise ValueError(f"vision: expected 'cnn' or one of {sorted(VISION_TOWERS)}, got {vision!r}")
+
+
 class VisuomotorPolicy(nn.Module):
-    """`vision="cnn"`: a CNN and a spatial soft-argmax (32 keypoints); "vit", "swin": `PatchTokens`."""
+    """`vision_module(vision)` and the joint history into an MLP to the seven joint velocities."""
 
     def __init__(self, vision: str = "cnn", keypoints: int = 32, hidden: int = 256):
         super().__init__()
-        if vision == "cnn":
-            self.vision = nn.Sequential(
-                nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.ReLU(),
-                nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-                nn.Conv2d(32, keypoints, 3, padding=1), SpatialSoftArgmax())
-            features = 2 * keypoints
-        elif vision in VISION_TOWERS:
-            self.vision = PatchTokens(VISION_TOWERS[vision])
-            features = self.vision.features
-        else:
-            raise ValueError(f"vision: expected 'cnn' or one of {sorted(VISION_TOWERS)}, got {vision!r}")
+        self.vision, features = vision_module(vision, keypoints)
         self.head = nn.Sequential(nn.Linear(features + HISTORY_STEPS * JOINTS, hidden), nn.ReLU(),
                                   nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, JOINTS))
         self.register_buffer("label_scale", torch.ones(JOINTS))
@@ -206,8 +211,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--action-noise", type=float, default=0.3, help="DART noise of the demos (train-small's: 0.3)")
     parser.add_argument("--render-quality", default="high", choices=("fast", "high"))
     parser.add_argument("--vision", default="cnn", choices=("cnn", *VISION_TOWERS),
-                        help="cnn: CNN + spatial soft-argmax; vit, swin, swin256: train-small's tower of --size "
-                             "small, small-swin or small-swin-256, its image tokens to the MLP")
+                        help="cnn: CNN + spatial soft-argmax; vit, swin, swin256, focal: train-small's tower of "
+                             "--size small, small-swin, small-swin-256 or small-focal, its image tokens to the MLP")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--train-seconds", type=float, default=1800.0)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -126,10 +126,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--out", required=True, help="run folder: demos, annotations, model/, eval/, summary.json")
         p.add_argument("--demos", type=int, default=100, help="scripted-expert demos to record and train on")
         p.add_argument("--size", default="small",
-                       choices=("small", "small-patch8", "small-swin", "small-swin-256", "medium", "toy"),
+                       choices=("small", "small-patch8", "small-swin", "small-swin-256", "small-focal", "medium",
+                                "toy"),
                        help="model size (small-patch8: 8 px patches, 256 image tokens; small-swin: a Swin vision "
                             "tower, 4 px patches merged to 64 image tokens; small-swin-256: the same Swin stopped "
-                            "after two stages, 256 image tokens; toy: tests only)")
+                            "after two stages, 256 image tokens; small-focal: a FocalNet tower, convolutions in the "
+                            "Swin's place, 64 image tokens; toy: tests only)")
         p.add_argument("--demo-seed", type=int, default=0, help="seed of the demos (llarva demos --seed)")
         p.add_argument("--seed", type=int, default=0, help="annotation order, initialisation and data order")
         p.add_argument("--variation", type=int, default=None,

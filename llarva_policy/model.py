@@ -252,13 +252,16 @@ def tiny_llava_config(tokenizer, *, size: str = "tiny", image_size: int | None =
     )
 
 
+HIERARCHICAL_TOWERS = ("swin", "focalnet")   # towers whose stages merge patches; no CLS token
+
+
 def tower_grid(vision_config) -> tuple[int, int]:
     """(pixels per image feature along a side, extra tokens) of a vision tower's last hidden state.
 
-    CLIP: its patch size and one CLS token. Swin: its patch size doubled by each patch merging
-    between stages, no CLS token.
+    CLIP: its patch size and one CLS token. Swin, FocalNet: the patch size doubled by each
+    downsampling between stages, no CLS token.
     """
-    if vision_config.model_type == "swin":
+    if vision_config.model_type in HIERARCHICAL_TOWERS:
         return vision_config.patch_size * 2 ** (len(vision_config.depths) - 1), 0
     return vision_config.patch_size, 1
 

@@ -80,6 +80,7 @@ from llarva_gym.files import write_json_atomic
 from llarva_policy import codec
 from llarva_policy.finetune import IGNORE_INDEX, conversation_turns, load_annotations
 from llarva_policy.model import (
+    HIERARCHICAL_TOWERS,
     _clip_image_processor,
     _make_processor,
     build_tokenizer,
@@ -120,6 +121,17 @@ SHAPES = {
         dict(model_type="swin", embed_dim=48, depths=[2, 4], num_heads=[3, 6], window_size=8, patch_size=4),
         dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
     ),
+    # A FocalNet tower (Yang et al. 2022; transformers' `FocalNetModel`) in the Swin's place: the
+    # same stages and 64 image tokens of 192, but each token gathers its neighbours through
+    # depthwise convolutions (focal modulation) instead of window attention, and the patches are cut
+    # by overlapping convolutions (a 7x7 stem, 3x3 between stages). The conv BC baseline read reach's
+    # sphere where the Swin's regression did not (88 against 59 of 100): this is the LLaVA tower
+    # closest to it (benchmarks/tower_probe.py compares them). Not yet trained on the device.
+    "small-focal": (
+        dict(model_type="focalnet", embed_dim=48, depths=[2, 2, 2], focal_levels=[2, 2, 2],
+             focal_windows=[3, 3, 3], patch_size=4, use_conv_embed=True),
+        dict(hidden_size=256, intermediate_size=640, num_hidden_layers=6, num_attention_heads=4),
+    ),
     # ~19M parameters: a wider, deeper tower and Llama, for runs that have the time.
     "medium": (
         dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, patch_size=16),
@@ -158,9 +170,9 @@ def small_llava_config(tokenizer, size: str = "small"):
     config.text_config.update({**text, "num_key_value_heads": text["num_attention_heads"],
                                "head_dim": text["hidden_size"] // text["num_attention_heads"]})
     config.vision_feature_layer = -1
-    if vision.get("model_type") == "swin":
+    if vision.get("model_type") in HIERARCHICAL_TOWERS:
         config.vision_config = vision_tower_config(size)
-        config.vision_feature_select_strategy = "full"  # Swin has no CLS token to drop
+        config.vision_feature_select_strategy = "full"  # no CLS token to drop
     else:
         config.vision_config.update({**vision, "projection_dim": vision["hidden_size"]})
     stride, _ = tower_grid(config.vision_config)
@@ -170,11 +182,17 @@ def small_llava_config(tokenizer, size: str = "small"):
 
 def vision_tower_config(size: str):
     """The transformers config of `SHAPES[size]`'s vision tower, for 128 px images."""
-    from transformers import CLIPVisionConfig, SwinConfig
+    from transformers import CLIPVisionConfig, FocalNetConfig, SwinConfig
 
     vision = dict(SHAPES[size][0])
-    if vision.pop("model_type", "clip_vision_model") == "swin":
+    model_type = vision.pop("model_type", "clip_vision_model")
+    if model_type == "swin":
         return SwinConfig(image_size=IMAGE_SIZE, num_channels=3, drop_path_rate=0.0, **vision)
+    if model_type == "focalnet":
+        # FocalNetConfig has no `hidden_size` (its last stage's width), which LLaVA's projector
+        # reads; stored in config.json as an extra field, it loads back with the config.
+        width = vision["embed_dim"] * 2 ** (len(vision["depths"]) - 1)
+        return FocalNetConfig(image_size=IMAGE_SIZE, num_channels=3, drop_path_rate=0.0, hidden_size=width, **vision)
     return CLIPVisionConfig(image_size=IMAGE_SIZE, num_channels=3, projection_dim=vision["hidden_size"],
                             hidden_act="quick_gelu", layer_norm_eps=1e-5, **vision)
 

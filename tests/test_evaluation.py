@@ -1,6 +1,7 @@
 """evaluate(): the scripted expert, resume after a kill, videos, demo starts, and a tiny LlarvaPolicy."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -469,7 +470,7 @@ def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_eval
     assert np.all(np.abs(action[:, :7]) <= benchmark.VELOCITY_LIMIT) and policy.clipped > 0
 
     # The tower variants: train-small's vision towers, their 64 image tokens to the MLP.
-    for vision, tokens in (("vit", 64), ("swin", 64), ("swin256", 256)):
+    for vision, tokens in (("vit", 64), ("swin", 64), ("swin256", 256), ("focal", 64)):
         tower = benchmark.VisuomotorPolicy(vision).eval()
         assert tower.vision.features == tokens * 16
         with torch.no_grad():
@@ -501,6 +502,47 @@ def test_bc_baseline_learns_from_the_labels_annotate_writes_and_runs_llarva_eval
     (tmp_path / "bc.json").unlink()
     with pytest.raises(FileNotFoundError, match="needs its bc_baseline.py report bc.json"):
         drift.main(["--task", "reach_target", "--checkpoint", str(tmp_path / "bc.pt"), "--episodes", "1"])
+
+
+def test_tower_probe_scores_each_tower_on_held_out_scenes_along_and_across_the_ray(tmp_path, load_script):
+    """benchmarks/tower_probe.py: the scenes are reach_target's resets (the target where the env
+    puts it), the error splits into depth along the camera's ray and the part across it, and a
+    run writes each tower's curve, a rerun keeping the towers it has."""
+    benchmark = load_script("benchmarks/tower_probe.py")
+    scenes = benchmark.render_scenes([3, 4], variation=0, render_quality="fast")
+    env = gym.make("llarva/reach_target", variation=0, render_quality="fast")
+    env.reset(seed=4)
+    assert np.allclose(scenes["targets"][1].numpy(), env.unwrapped.rlbench_observation().task_low_dim_state[:3])
+    assert scenes["images"].shape == (2, 3, 128, 128) and scenes["images"].dtype == torch.uint8
+    assert not torch.equal(scenes["images"][0], scenes["images"][1])
+    env.close()
+
+    class Offset(torch.nn.Module):      # predicts each target moved 3 cm beyond it along the ray, 4 cm across
+        def forward(self, images):
+            ray = scenes["targets"] - scenes["cameras"]
+            ray = ray / ray.norm(dim=1, keepdim=True)
+            across = torch.linalg.cross(ray, torch.tensor([[0.0, 0.0, 1.0]]).expand_as(ray))
+            across = across / across.norm(dim=1, keepdim=True)
+            return (scenes["targets"] + 0.03 * ray + 0.04 * across)[:len(images)]
+
+    scored = benchmark.errors(Offset(), scenes)
+    assert scored["depth_cm_median"] == pytest.approx(3.0, abs=1e-3)
+    assert scored["lateral_cm_median"] == pytest.approx(4.0, abs=1e-3)
+    assert scored["error_cm_median"] == pytest.approx(5.0, abs=1e-3) and scored["within_2cm"] == 0.0
+
+    out = tmp_path / "probe.json"
+    common = ["--scenes", "6", "--held-out", "3", "--steps", "4", "--batch-size", "3", "--render-quality", "fast",
+              "--out", str(out)]
+    benchmark.main(["--towers", "cnn", *common])
+    report = json.loads(out.read_text())
+    cnn = report["towers"]["cnn"]
+    assert cnn["steps"] == 4 and [point["step"] for point in cnn["curve"]] == [1, 2, 3, 4]
+    assert cnn["final"]["held_out"]["error_cm_median"] > 0 and math.isfinite(cnn["curve"][-1]["loss"])
+    benchmark.main(["--towers", "cnn,focal", *common])
+    again = json.loads(out.read_text())
+    assert again["towers"]["cnn"] == cnn and again["towers"]["focal"]["parameters"] > cnn["parameters"]
+    with pytest.raises(SystemExit):
+        benchmark.main(["--towers", "cnn,resnet", *common])
 
 
 def test_history_probe_asks_the_policy_with_a_still_and_an_expert_history(tmp_path, load_script):

@@ -41,6 +41,7 @@ from llarva_policy.model import build_tokenizer, load_llava  # noqa: E402
 from llarva_policy.policy import LlarvaPolicy  # noqa: E402
 from llarva_policy.train_small import (  # noqa: E402
     MODEL_DIR,
+    SHAPES,
     TRAINING_FILE,
     ImageNormalizer,
     _append_annotations,
@@ -691,7 +692,8 @@ def test_a_trained_model_writes_back_the_answers_it_was_trained_on(annotated, tm
 
 @pytest.mark.parametrize("size, tokens, tower", [("small-patch8", 256, "CLIPVisionModel"),
                                                   ("small-swin", 64, "SwinModel"),
-                                                  ("small-swin-256", 256, "SwinModel")])
+                                                  ("small-swin-256", 256, "SwinModel"),
+                                                  ("small-focal", 64, "FocalNetModel")])
 def test_other_tower_shapes_write_their_image_tokens_and_load_back(annotated, tmp_path, size, tokens, tower):
     data_root, entries = annotated
     tokenizer = build_tokenizer(corpus_texts=[codec.build_conversation_text(*conversation_turns(e)) for e in entries])
@@ -711,7 +713,8 @@ def test_other_tower_shapes_write_their_image_tokens_and_load_back(annotated, tm
         logits = loaded.model(**inputs).logits
     assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
     # Each image token sees its own part of the image: changing the top-left 8x8 pixels changes
-    # the first token's features more than the last's (the Swin's windows, the ViT's patches).
+    # the first token's features more than the last's (the Swin's windows, the ViT's patches,
+    # the FocalNet's convolutions).
     pixels = inputs["pixel_values"].clone()
     pixels[..., :8, :8] += 1.0
     with torch.no_grad():
@@ -1055,6 +1058,11 @@ def test_cli_reads_variation_weights_as_ints(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(required + [f"--variation-weights={bad}"])
         assert "argument --variation-weights: expected comma-separated positive integers" in capsys.readouterr().err
+
+
+def test_cli_offers_every_model_size():
+    size = next(a for a in llarva_parser("train-small")._actions if a.dest == "size")
+    assert set(size.choices) == set(SHAPES) and size.default in SHAPES
 
 
 def test_a_run_with_variation_weights_draws_and_records_them(tmp_path):
