@@ -113,6 +113,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--template", default="training")
         p.add_argument("--constrained", action="store_true",
                        help="constrain decoding to the answer format, so every answer parses")
+        if command == "eval":
+            p.add_argument("--on-parse-error", default="raise", metavar="{raise,hold}",
+                           help="an answer that does not parse: stop the evaluation (raise; the finished "
+                                "episodes stay in --results) or hold the arm still for that step and go on "
+                                "(hold; counted in each episode's parse_errors)")
         p.add_argument("--render-quality", default="fast", choices=("fast", "high"),
                        help="the env's rendering; use the one the policy's training demos were recorded with")
         p.add_argument("--variation", type=int, default=None,
@@ -266,6 +271,7 @@ def _run(command: str, args: argparse.Namespace) -> None:
             train_small(**options)
     else:
         from llarva_gym.evaluation import evaluate, print_summary
+        from llarva_policy.codec import AnswerParseError     # no torch: the expert's evaluation stays light
         if args.policy == "expert":
             policy = "expert"
         else:
@@ -274,11 +280,18 @@ def _run(command: str, args: argparse.Namespace) -> None:
             from llarva_policy.policy import LlarvaPolicy
             policy = LlarvaPolicy.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
                                                   with_visual_trace=args.visual_trace, template=args.template,
-                                                  constrained=args.constrained)
-        results = evaluate(policy, args.task, episodes=args.episodes, episode_length=args.episode_length,
-                           num_envs=args.num_envs, demos=args.demos, video_dir=args.video,
-                           results_path=args.results, seed=args.seed, render_quality=args.render_quality,
-                           variation=args.variation)
+                                                  constrained=args.constrained,
+                                                  on_parse_error=getattr(args, "on_parse_error", "raise"))
+        try:
+            results = evaluate(policy, args.task, episodes=args.episodes, episode_length=args.episode_length,
+                               num_envs=args.num_envs, demos=args.demos, video_dir=args.video,
+                               results_path=args.results, seed=args.seed, render_quality=args.render_quality,
+                               variation=args.variation)
+        except AnswerParseError as error:
+            kept = (f"the finished episodes are kept in {args.results} (a rerun goes on from them)" if args.results
+                    else "without --results the finished episodes were not kept")
+            raise ValueError(f"{error}\n{kept}; to go on past such answers: --on-parse-error hold (the arm holds "
+                             f"still for that step) or --constrained (decoding kept to the answer's form)") from None
         print_summary(results)
         if command == "quickstart" and args.learned_episodes:
             _quickstart_learned(args)

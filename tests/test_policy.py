@@ -376,6 +376,33 @@ def test_a_train_small_checkpoint_is_asked_as_it_was_trained(tiny_dir, tmp_path,
         LlarvaPolicy.from_pretrained(traced, device="cpu")
 
 
+
+def test_eval_stops_on_a_malformed_answer_or_holds_and_counts_it(tiny_dir, tmp_path, capsys):
+    """`llarva eval` of an unconstrained random model: by default the first answer that does not parse
+    ends the run with the text, where the finished episodes are, and how to go on; with
+    `--on-parse-error hold` every episode runs to its end and the unparsed steps are counted."""
+    import json
+
+    from llarva_policy.cli import console
+
+    args = ["eval", "--task", "reach_target", "--checkpoint", str(tiny_dir), "--episodes", "2",
+            "--episode-length", "3", "--device", "cpu", "--variation", "0"]
+    stopped = tmp_path / "stopped.json"
+    with pytest.raises(SystemExit) as exit_info:
+        console([*args, "--results", str(stopped)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "expected 'The next action step:" in error and "got '" in error
+    assert f"the finished episodes are kept in {stopped}" in error and "--on-parse-error hold" in error
+    held = tmp_path / "held.json"
+    console([*args, "--results", str(held), "--on-parse-error", "hold"])
+    episodes = json.loads(held.read_text())["episodes"]
+    assert [episode["steps"] for episode in episodes] == [3, 3]
+    assert all(1 <= episode["parse_errors"] <= 3 for episode in episodes)
+    with pytest.raises(SystemExit):
+        console([*args, "--on-parse-error", "ignore"])
+    assert "on_parse_error: expected one of ('raise', 'hold'), got 'ignore'" in capsys.readouterr().err
+
 # --- examples and the latency benchmark run as written ---------------------------------------------
 
 @pytest.mark.parametrize("script, expected", [
