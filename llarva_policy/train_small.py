@@ -358,7 +358,8 @@ def goal_span(answer: str, goal_points: str = "last") -> tuple[int, int] | None:
 
 def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_token: str = codec.IMAGE_TOKEN,
                          template=codec.TRAINING, goal_points: str = "last", kinds: bool = True,
-                         chunk: int = 2048) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+                         chunk: int = 2048, processes: int = 1
+                         ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """(input_ids, labels, goal, kind) of every annotation entry; ids and labels as
     `finetune.tokenize_conversation` makes them, goal the answer tokens of `goal_span` (bool), kind
     what each answer token writes (`codec.answer_character_kinds`; a token spanning several kinds,
@@ -371,49 +372,76 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
     `num_image_tokens` copies (the processor writes them into the text; `<image>` is an added
     token, so the text around it tokenizes the same either way). Labels are the ids of the tokens
     that reach into the answer span, `IGNORE_INDEX` elsewhere.
+
+    `processes` > 1: chunks of `chunk` entries go to that many worker processes (from a
+    forkserver, as `load_images`'s), with the same result. Only worth it on many cores: the work
+    around the Rust tokenizer is Python, but a worker's start costs about 3 s (it imports torch)
+    and `encode_batch` already uses every core (benchmarks/tokenize_speed.py).
     """
     template = codec.get_template(template)
-    image_id = tokenizer.convert_tokens_to_ids(image_token)
-    eos = tokenizer.eos_token_id
     # The Rust tokenizer itself, without the transformers wrapper's padded batch arrays (most of
-    # the time on a large set); a copy, so that no padding or truncation left set on the
-    # wrapper's one applies.
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    # the time on a large set), as JSON: each worker builds its own.
+    encode = functools.partial(_encode_chunk, backend=tokenizer.backend_tokenizer.to_str(),
+                               image_id=tokenizer.convert_tokens_to_ids(image_token), eos=tokenizer.eos_token_id,
+                               image_token=image_token, num_image_tokens=num_image_tokens, template=template,
+                               goal_points=goal_points, kinds=kinds)
+    starts = range(0, len(entries), chunk)
+    blocks = [entries[begin:begin + chunk] for begin in starts]
+    parallel = processes > 1 and len(blocks) > 1
+    # One Rust thread per worker: the workers are the parallelism.
+    pool = ProcessPoolExecutor(min(processes, len(blocks)), mp_context=multiprocessing.get_context("forkserver"),
+                               initializer=_one_tokenizer_thread) \
+        if parallel else contextlib.nullcontext()
+    encoded = []
+    with pool:
+        for block in (pool.map if parallel else map)(encode, blocks, starts):
+            encoded.extend(block)
+    return encoded
+
+
+def _one_tokenizer_thread() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _encode_chunk(entries, begin: int, *, backend: str, image_id: int, eos: int, image_token: str,
+                  num_image_tokens: int, template, goal_points: str, kinds: bool):
+    """`encode_conversations` of `entries`, the annotation's entries from index `begin` on."""
+    # A copy, so that no padding or truncation left set on the wrapper's one applies.
+    backend = Tokenizer.from_str(backend)
     backend.no_padding()
     backend.no_truncation()
+    texts, answer_starts, goals, answer_kinds = [], [], [], []
+    for entry in entries:
+        question, answer = conversation_turns(entry)
+        texts.append(codec.build_conversation_text(question, answer, template=template))
+        answer_starts.append(codec.answer_span(question, answer, template=template)[0])
+        answer_kinds.append(_character_kind_codes(answer, template) if kinds else None)
+        goal = goal_span(answer, goal_points)
+        goals.append((-1, -1) if goal is None else (answer_starts[-1] + goal[0], answer_starts[-1] + goal[1]))
     encoded = []
-    for begin in range(0, len(entries), chunk):
-        texts, answer_starts, goals, answer_kinds = [], [], [], []
-        for entry in entries[begin:begin + chunk]:
-            question, answer = conversation_turns(entry)
-            texts.append(codec.build_conversation_text(question, answer, template=template))
-            answer_starts.append(codec.answer_span(question, answer, template=template)[0])
-            answer_kinds.append(_character_kind_codes(answer, template) if kinds else None)
-            goal = goal_span(answer, goal_points)
-            goals.append((-1, -1) if goal is None else (answer_starts[-1] + goal[0], answer_starts[-1] + goal[1]))
-        for index, encoding in enumerate(backend.encode_batch(texts)):
-            ids = np.array(encoding.ids, dtype=np.int64)
-            labels = ids.copy()
-            labels[:_first_token_ending_after(encoding, answer_starts[index])] = IGNORE_INDEX
-            where = np.flatnonzero(ids == image_id)
-            if len(where) != 1 or ids[-1] != eos or labels[-1] != eos:
-                raise ValueError(f"annotation entry {begin + index} (id {entries[begin + index].get('id')!r}): "
-                                 f"expected one {image_token!r} in the question and the text to end with the "
-                                 f"tokenizer's end-of-sequence token; text ends {texts[index][-40:]!r}")
-            # A label is the next token: position i is weighted when the token at i + 1 overlaps the goal.
-            start, end = goals[index]
-            goal = np.zeros(len(ids), dtype=bool)
-            if end > start:
-                first, last = _first_token_ending_after(encoding, start), _first_token_ending_after(encoding, end - 1)
-                goal[max(first - 1, 0):last] = True
-            kind = (_token_kinds(encoding, answer_starts[index], answer_kinds[index], labels) if kinds
-                    else np.zeros(len(ids), dtype=np.uint8))
-            k = where[0]
-            ids = np.concatenate([ids[:k], np.full(num_image_tokens, image_id), ids[k + 1:]])
-            labels = np.concatenate([labels[:k], np.full(num_image_tokens, IGNORE_INDEX), labels[k + 1:]])
-            goal = np.concatenate([goal[:k], np.zeros(num_image_tokens, dtype=bool), goal[k + 1:]])
-            kind = np.concatenate([kind[:k], np.zeros(num_image_tokens, dtype=np.uint8), kind[k + 1:]])
-            encoded.append((ids, labels, goal, kind))
+    for index, encoding in enumerate(backend.encode_batch(texts)):
+        ids = np.array(encoding.ids, dtype=np.int64)
+        labels = ids.copy()
+        labels[:_first_token_ending_after(encoding, answer_starts[index])] = IGNORE_INDEX
+        where = np.flatnonzero(ids == image_id)
+        if len(where) != 1 or ids[-1] != eos or labels[-1] != eos:
+            raise ValueError(f"annotation entry {begin + index} (id {entries[index].get('id')!r}): "
+                             f"expected one {image_token!r} in the question and the text to end with the "
+                             f"tokenizer's end-of-sequence token; text ends {texts[index][-40:]!r}")
+        # A label is the next token: position i is weighted when the token at i + 1 overlaps the goal.
+        start, end = goals[index]
+        goal = np.zeros(len(ids), dtype=bool)
+        if end > start:
+            first, last = _first_token_ending_after(encoding, start), _first_token_ending_after(encoding, end - 1)
+            goal[max(first - 1, 0):last] = True
+        kind = (_token_kinds(encoding, answer_starts[index], answer_kinds[index], labels) if kinds
+                else np.zeros(len(ids), dtype=np.uint8))
+        k = where[0]
+        ids = np.concatenate([ids[:k], np.full(num_image_tokens, image_id), ids[k + 1:]])
+        labels = np.concatenate([labels[:k], np.full(num_image_tokens, IGNORE_INDEX), labels[k + 1:]])
+        goal = np.concatenate([goal[:k], np.zeros(num_image_tokens, dtype=bool), goal[k + 1:]])
+        kind = np.concatenate([kind[:k], np.zeros(num_image_tokens, dtype=np.uint8), kind[k + 1:]])
+        encoded.append((ids, labels, goal, kind))
     return encoded
 
 

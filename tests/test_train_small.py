@@ -4,6 +4,7 @@ The data are real: scripted-expert demos of reach_target recorded on the embedde
 annotated with `annotate`.
 """
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -130,6 +131,22 @@ def test_samples_are_tokenized_as_finetune_tokenizes_them(annotated):
     tokenizer(["a b c"] * 2, padding="max_length", truncation=True, max_length=8, padding_side="left")
     again = encode_conversations(entries[:6], tokenizer, num_image_tokens=model.config.image_seq_length)
     assert all((a == b).all() for first, second in zip(encoded, again) for a, b in zip(first, second))
+    # Chunks encoded by worker processes come back whole and in order.
+    in_workers = encode_conversations(entries[:6], tokenizer, num_image_tokens=model.config.image_seq_length,
+                                      chunk=4, processes=2)
+    assert len(in_workers) == 6
+    assert all((a == b).all() for first, second in zip(encoded, in_workers) for a, b in zip(first, second))
+
+
+def test_a_sample_without_its_image_token_is_named_by_its_place_in_the_file(annotated):
+    _, entries = annotated
+    tokenizer, model, _ = toy_model(entries)
+    broken = copy.deepcopy(entries[:6])
+    broken[5]["conversations"][0]["value"] = broken[5]["conversations"][0]["value"].replace("<image>\n", "")
+    for processes in (1, 2):
+        with pytest.raises(ValueError, match=rf"annotation entry 5 \(id {broken[5]['id']!r}\): expected one '<image>'"):
+            encode_conversations(broken, tokenizer, num_image_tokens=model.config.image_seq_length, chunk=4,
+                                 processes=processes)
 
 
 def test_the_first_token_ending_after_a_character_matches_the_offsets(annotated):
