@@ -141,7 +141,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="annotation order, initialisation and data order")
         p.add_argument("--variation", type=int, default=None,
                        help="demos and evaluation episodes of this one variation only (a diagnostic)")
-        p.add_argument("--processes", type=int, default=1, help="processes recording demos")
+        p.add_argument("--processes", type=int, default=1,
+                       help="processes recording and annotating demos (and, when 8 or more, tokenizing them)")
         p.add_argument("--train-seconds", type=_seconds_or_fit, default=300.0,
                        help="wall-clock budget of the training (over all the runs that continue it), or "
                             "'fit': what --run-seconds leaves, finished in this run")

@@ -375,8 +375,8 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
 
     `processes` > 1: chunks of `chunk` entries go to that many worker processes (from a
     forkserver, as `load_images`'s), with the same result. Only worth it on many cores: the work
-    around the Rust tokenizer is Python, but a worker's start costs about 3 s (it imports torch)
-    and `encode_batch` already uses every core (benchmarks/tokenize_speed.py).
+    around the Rust tokenizer is Python, one core's, but a worker's start costs about 3 s (it
+    imports torch) and `encode_batch` already uses every core (benchmarks/tokenize_speed.py).
     """
     template = codec.get_template(template)
     # The Rust tokenizer itself, without the transformers wrapper's padded batch arrays (most of
@@ -394,8 +394,9 @@ def encode_conversations(entries, tokenizer, *, num_image_tokens: int, image_tok
         if parallel else contextlib.nullcontext()
     encoded = []
     with pool:
-        for block in (pool.map if parallel else map)(encode, blocks, starts):
-            encoded.extend(block)
+        for lengths, *columns in (pool.map if parallel else map)(encode, blocks, starts):
+            ends = np.cumsum(lengths)[:-1]
+            encoded.extend(zip(*(np.split(column, ends) for column in columns)))
     return encoded
 
 
@@ -442,7 +443,10 @@ def _encode_chunk(entries, begin: int, *, backend: str, image_id: int, eos: int,
         goal = np.concatenate([goal[:k], np.zeros(num_image_tokens, dtype=bool), goal[k + 1:]])
         kind = np.concatenate([kind[:k], np.zeros(num_image_tokens, dtype=np.uint8), kind[k + 1:]])
         encoded.append((ids, labels, goal, kind))
-    return encoded
+    # As one array per column: a worker's chunk then comes back as five arrays, not 8,000 (unpickling
+    # those, one chunk at a time in the caller, made 14 workers only 1.4 times as fast as one).
+    return (np.array([len(ids) for ids, *_ in encoded]),
+            *(np.concatenate(column) for column in zip(*encoded)))
 
 
 _KIND_CODE = {name: code for code, name in enumerate(codec.ANSWER_KINDS)}   # "other" is 0
@@ -521,13 +525,14 @@ def load_images(paths, *, processes: int | None = None) -> np.ndarray:
 
 def build_training_set(entries, images_root, tokenizer, *, num_image_tokens: int, template=codec.TRAINING,
                        pad_token_id: int, goal_points: str = "last", kinds: bool = True,
-                       timings: dict | None = None) -> TrainingSet:
-    """All `entries` tokenized and padded, with their images (`kinds`: see `encode_conversations`);
-    `timings`, if given, receives the seconds each part took ("tokenize", "pad", "images", "pack")."""
+                       processes: int = 1, timings: dict | None = None) -> TrainingSet:
+    """All `entries` tokenized (by `processes` worker processes) and padded, with their images
+    (`kinds`: see `encode_conversations`); `timings`, if given, receives the seconds each part took
+    ("tokenize", "pad", "images", "pack")."""
     timings = {} if timings is None else timings
     clock = time.perf_counter()
     encoded = encode_conversations(entries, tokenizer, num_image_tokens=num_image_tokens, template=template,
-                                   goal_points=goal_points, kinds=kinds)
+                                   goal_points=goal_points, kinds=kinds, processes=processes)
     timings["tokenize"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
     lengths = [len(ids) for ids, *_ in encoded]
@@ -951,7 +956,8 @@ def check_answer_weights(answer_weights) -> dict[str, float] | None:
 
 
 def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root, tokenizer,
-                         num_image_tokens: int, goal_points: str, kinds: bool, timings: dict) -> TrainingSet:
+                         num_image_tokens: int, goal_points: str, kinds: bool, processes: int,
+                         timings: dict) -> TrainingSet:
     """`build_training_set`, stored in `cache` and reused while the annotations file, the
     tokenizer, `goal_points` and `kinds` are the same (a resumed run on the same machine skips a minute
     of tokenizing). `timings` receives the seconds of each part."""
@@ -970,7 +976,7 @@ def _cached_training_set(cache: Path, annotations_path: Path, entries, data_root
             pass
     data = build_training_set(entries, data_root, tokenizer, num_image_tokens=num_image_tokens,
                               pad_token_id=tokenizer.pad_token_id, goal_points=goal_points, kinds=kinds,
-                              timings=timings)
+                              processes=processes, timings=timings)
     clock = time.perf_counter()
     _atomic_torch_save({"key": key, **{name: getattr(data, name) for name in TrainingSet.__dataclass_fields__}},
                        cache)
@@ -1329,8 +1335,13 @@ def train_small(task: str, out, *, demos: int = 100, size: str = "small", demo_s
         model, processor = build_model(tokenizer, size, seed)
         num_image_tokens = model.config.image_seq_length
         timings["tokenizer_and_model"] = round(time.perf_counter() - clock, 2)
+        # Tokenizing in worker processes pays only on many cores (benchmarks/results/tokenize_speed_*.json:
+        # 0.7 times one process's speed with 2 on a 2-core machine; 1.25 and 1.42 times with 8 and 14 on
+        # the GPU host, measured before the workers' chunks came back as whole arrays, which cut the
+        # caller's share by three quarters on the CPU).
         data = _cached_training_set(out / DATA_CACHE_FILE, annotations_path, entries, data_root, tokenizer,
-                                    num_image_tokens, goal_points, bool(answer_weights), timings)
+                                    num_image_tokens, goal_points, bool(answer_weights),
+                                    processes if processes >= 8 else 1, timings)
         clock = time.perf_counter()
         normalize = ImageNormalizer(processor.image_processor, device)
         normalize.check(processor.image_processor, data.images[:4])
